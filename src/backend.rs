@@ -1,0 +1,275 @@
+//! Backend identity and live state. A [`Backend`] is immutable and belongs to one config
+//! snapshot; its [`BackendState`] is shared atomics keyed by (pool, backend name) and carried
+//! from snapshot to snapshot, so a reload resets neither health nor connection counts.
+//! This module owns the passive circuit breaker; active checks (elsewhere) write `health`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+
+/// Address of a backend server (what Switchyard connects to).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BackendAddr(pub SocketAddr);
+
+/// Address of the client as seen by the listener (or, later, as told by a PROXY header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClientAddr(pub SocketAddr);
+
+impl fmt::Display for BackendAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl fmt::Display for ClientAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Operator-set state (admin API): whether a backend takes new connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum AdminState {
+    /// Takes new connections.
+    Ready = 0,
+    /// No new connections; existing ones continue.
+    Drain = 1,
+    /// No new connections; existing ones are closed.
+    Maint = 2,
+}
+
+/// Result of health checking, active and passive combined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Health {
+    Up = 0,
+    Down = 1,
+}
+
+/// The passive circuit breaker's settings for one pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Breaker {
+    /// Consecutive connect failures that open the breaker (0 disables it).
+    pub max_fails: u32,
+    /// How long an open breaker keeps the backend out of rotation.
+    pub fail_duration_ms: u64,
+}
+
+/// Live, shared state of one backend. All fields are atomics: readers never lock.
+#[derive(Debug)]
+pub struct BackendState {
+    active: AtomicU64,
+    consecutive_fails: AtomicU32,
+    /// `clock::now_ms` value until which the passive breaker holds the backend down; 0: closed.
+    down_until_ms: AtomicU64,
+    admin: AtomicU8,
+    health: AtomicU8,
+}
+
+impl Default for BackendState {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl BackendState {
+    pub fn new() -> Self {
+        BackendState {
+            active: AtomicU64::new(0),
+            consecutive_fails: AtomicU32::new(0),
+            down_until_ms: AtomicU64::new(0),
+            admin: AtomicU8::new(AdminState::Ready as u8),
+            health: AtomicU8::new(Health::Up as u8),
+        }
+    }
+
+    /// Whether new connections may go to this backend at `now_ms`.
+    pub fn is_available(&self, now_ms: u64) -> bool {
+        self.admin.load(Ordering::Relaxed) == AdminState::Ready as u8
+            && self.health.load(Ordering::Relaxed) == Health::Up as u8
+            && self.down_until_ms.load(Ordering::Relaxed) <= now_ms
+    }
+
+    /// Connections currently open to this backend.
+    pub fn active(&self) -> u64 {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Counts a connection on this backend until the guard is dropped.
+    pub fn connection_opened(self: &Arc<Self>) -> ActiveGuard {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        ActiveGuard {
+            state: Arc::clone(self),
+        }
+    }
+
+    pub fn admin(&self) -> AdminState {
+        match self.admin.load(Ordering::Relaxed) {
+            1 => AdminState::Drain,
+            2 => AdminState::Maint,
+            _ => AdminState::Ready,
+        }
+    }
+
+    pub fn set_admin(&self, state: AdminState) {
+        self.admin.store(state as u8, Ordering::Relaxed);
+    }
+
+    pub fn health(&self) -> Health {
+        match self.health.load(Ordering::Relaxed) {
+            0 => Health::Up,
+            _ => Health::Down,
+        }
+    }
+
+    pub fn set_health(&self, health: Health) {
+        self.health.store(health as u8, Ordering::Relaxed);
+    }
+
+    /// A connect succeeded: the consecutive-failure count starts again.
+    pub fn record_connect_success(&self) {
+        if self.consecutive_fails.load(Ordering::Relaxed) != 0 {
+            self.consecutive_fails.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// A connect failed. Returns true when this failure opened the breaker (the caller logs
+    /// the state change once); the backend is then skipped until `fail_duration` has passed.
+    pub fn record_connect_failure(&self, now_ms: u64, breaker: Breaker) -> bool {
+        if breaker.max_fails == 0 {
+            return false;
+        }
+        let fails = self.consecutive_fails.fetch_add(1, Ordering::Relaxed) + 1;
+        if fails < breaker.max_fails {
+            return false;
+        }
+        self.consecutive_fails.store(0, Ordering::Relaxed);
+        let until = now_ms + breaker.fail_duration_ms;
+        let previous = self.down_until_ms.swap(until, Ordering::Relaxed);
+        previous <= now_ms
+    }
+
+    /// When the passive breaker is open at `now_ms`, the time it closes.
+    pub fn passive_down_until(&self, now_ms: u64) -> Option<u64> {
+        let until = self.down_until_ms.load(Ordering::Relaxed);
+        (until > now_ms).then_some(until)
+    }
+}
+
+/// Counts one open connection on a backend; decrements on drop.
+#[derive(Debug)]
+pub struct ActiveGuard {
+    state: Arc<BackendState>,
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.state.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One backend of one pool in one config snapshot.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    /// Identity within the pool: the configured `name`, or the address as written.
+    pub name: Arc<str>,
+    pub addr: BackendAddr,
+    /// Relative share of new connections; 0 takes none.
+    pub weight: u32,
+    pub state: Arc<BackendState>,
+}
+
+impl Backend {
+    /// A backend with fresh state (tests, benches, and first-time config builds).
+    pub fn new(name: &str, addr: SocketAddr, weight: u32) -> Self {
+        Backend {
+            name: Arc::from(name),
+            addr: BackendAddr(addr),
+            weight,
+            state: Arc::new(BackendState::new()),
+        }
+    }
+
+    /// Whether the balancer may choose this backend at `now_ms`.
+    pub fn is_available(&self, now_ms: u64) -> bool {
+        self.weight > 0 && self.state.is_available(now_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BREAKER: Breaker = Breaker {
+        max_fails: 3,
+        fail_duration_ms: 10_000,
+    };
+
+    #[test]
+    fn breaker_opens_after_max_fails_and_closes_after_duration() {
+        let s = BackendState::new();
+        assert!(!s.record_connect_failure(100, BREAKER));
+        assert!(!s.record_connect_failure(101, BREAKER));
+        assert!(s.is_available(101));
+        assert!(
+            s.record_connect_failure(102, BREAKER),
+            "third failure opens"
+        );
+        assert!(!s.is_available(103));
+        assert_eq!(s.passive_down_until(103), Some(10_102));
+        assert!(!s.is_available(10_101));
+        assert!(
+            s.is_available(10_102),
+            "available again once fail_duration passed"
+        );
+    }
+
+    #[test]
+    fn success_resets_consecutive_failures() {
+        let s = BackendState::new();
+        s.record_connect_failure(1, BREAKER);
+        s.record_connect_failure(2, BREAKER);
+        s.record_connect_success();
+        assert!(!s.record_connect_failure(3, BREAKER));
+        assert!(s.is_available(3));
+    }
+
+    #[test]
+    fn max_fails_zero_disables_breaker() {
+        let s = BackendState::new();
+        let off = Breaker {
+            max_fails: 0,
+            fail_duration_ms: 1000,
+        };
+        for t in 0..10 {
+            assert!(!s.record_connect_failure(t, off));
+        }
+        assert!(s.is_available(10));
+    }
+
+    #[test]
+    fn admin_and_health_gate_availability() {
+        let s = BackendState::new();
+        s.set_admin(AdminState::Drain);
+        assert!(!s.is_available(1));
+        s.set_admin(AdminState::Ready);
+        s.set_health(Health::Down);
+        assert!(!s.is_available(1));
+        s.set_health(Health::Up);
+        assert!(s.is_available(1));
+    }
+
+    #[test]
+    fn guard_counts_active_connections() {
+        let s = Arc::new(BackendState::new());
+        let a = s.connection_opened();
+        let b = s.connection_opened();
+        assert_eq!(s.active(), 2);
+        drop(a);
+        assert_eq!(s.active(), 1);
+        drop(b);
+        assert_eq!(s.active(), 0);
+    }
+}

@@ -1,0 +1,192 @@
+//! The byte path between a client and its backend: two directions pumped independently in
+//! one task, each half-closing on its own (EOF from one side becomes a FIN to the other while
+//! the reverse direction keeps flowing), an idle timer over both, and a cancel for shutdown.
+//! Linux uses `splice(2)` ([`splice`]); a buffered copy ([`copy`]) serves elsewhere and where
+//! splice is refused. This module owns no routing decisions and no logging per byte.
+
+mod copy;
+#[cfg(target_os = "linux")]
+mod splice;
+
+use std::io;
+use std::net::Shutdown;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use prometheus::IntCounter;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::conn::CloseReason;
+
+/// What a finished forwarding reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    pub reason: CloseReason,
+    pub bytes_from_client: u64,
+    pub bytes_to_client: u64,
+}
+
+/// Per-listener byte counters, bumped as bytes move (one relaxed add per chunk).
+#[derive(Debug, Clone)]
+pub struct ByteCounters {
+    pub from_client: IntCounter,
+    pub to_client: IntCounter,
+}
+
+/// Which end of a direction failed.
+#[derive(Debug)]
+pub(crate) enum PumpError {
+    /// Reading from the source socket failed.
+    Read(io::Error),
+    /// Writing to the destination socket failed.
+    Write(io::Error),
+    /// splice(2) cannot serve this pair of sockets; nothing was moved yet.
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+    Unsupported(io::Error),
+}
+
+/// Bytes moved in one direction and the connection's last activity, shared by both pumps and
+/// the idle timer. Atomics (uncontended: one task) keep the connection future `Send`.
+pub(crate) struct Progress<'a> {
+    moved: AtomicU64,
+    counter: &'a IntCounter,
+    activity: &'a Activity,
+}
+
+impl Progress<'_> {
+    pub(crate) fn add(&self, n: usize) {
+        self.moved.fetch_add(n as u64, Ordering::Relaxed);
+        self.counter.inc_by(n as u64);
+        self.activity.touch();
+    }
+
+    pub(crate) fn moved(&self) -> u64 {
+        self.moved.load(Ordering::Relaxed)
+    }
+}
+
+/// Time of the last byte moved either way, as nanoseconds since the connection started.
+struct Activity {
+    started: Instant,
+    last_ns: AtomicU64,
+}
+
+impl Activity {
+    fn touch(&self) {
+        self.last_ns
+            .store(self.started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.started + Duration::from_nanos(self.last_ns.load(Ordering::Relaxed))
+    }
+}
+
+/// Forwards both directions until both have ended, one fails, the connection idles past
+/// `idle_timeout`, or `cancel` fires.
+pub async fn forward(
+    client: &TcpStream,
+    backend: &TcpStream,
+    idle_timeout: Duration,
+    cancel: &CancellationToken,
+    counters: &ByteCounters,
+) -> Outcome {
+    let activity = Activity {
+        started: Instant::now(),
+        last_ns: AtomicU64::new(0),
+    };
+    let up = Progress {
+        moved: AtomicU64::new(0),
+        counter: &counters.from_client,
+        activity: &activity,
+    };
+    let down = Progress {
+        moved: AtomicU64::new(0),
+        counter: &counters.to_client,
+        activity: &activity,
+    };
+    let up_pump = pump(client, backend, &up);
+    let down_pump = pump(backend, client, &down);
+    tokio::pin!(up_pump, down_pump);
+
+    let (mut up_done, mut down_done) = (false, false);
+    let mut first_close = None;
+    let reason = loop {
+        let idle_deadline = activity.last() + idle_timeout;
+        tokio::select! {
+            result = &mut up_pump, if !up_done => match result {
+                Ok(()) => {
+                    up_done = true;
+                    let first = *first_close.get_or_insert(CloseReason::ClientClosed);
+                    if down_done {
+                        break first;
+                    }
+                }
+                Err(e) => break failure_reason(e, CloseReason::ClientReset, CloseReason::BackendReset),
+            },
+            result = &mut down_pump, if !down_done => match result {
+                Ok(()) => {
+                    down_done = true;
+                    let first = *first_close.get_or_insert(CloseReason::BackendClosed);
+                    if up_done {
+                        break first;
+                    }
+                }
+                Err(e) => break failure_reason(e, CloseReason::BackendReset, CloseReason::ClientReset),
+            },
+            () = tokio::time::sleep_until(idle_deadline) => {
+                if activity.last() + idle_timeout <= Instant::now() {
+                    break CloseReason::IdleTimeout;
+                }
+            }
+            () = cancel.cancelled() => break CloseReason::Shutdown,
+        }
+    };
+    Outcome {
+        reason,
+        bytes_from_client: up.moved(),
+        bytes_to_client: down.moved(),
+    }
+}
+
+/// Maps a failed direction to the side that failed: its source (`read_side`) or its
+/// destination (`write_side`); the socket error itself goes to the debug log.
+fn failure_reason(
+    error: PumpError,
+    read_side: CloseReason,
+    write_side: CloseReason,
+) -> CloseReason {
+    let (reason, e) = match error {
+        PumpError::Read(e) | PumpError::Unsupported(e) => (read_side, e),
+        PumpError::Write(e) => (write_side, e),
+    };
+    tracing::debug!(error = %e, reason = reason.as_str(), "forwarding ended by a socket error");
+    reason
+}
+
+/// Moves bytes from `src` to `dst` until EOF, then half-closes `dst`.
+async fn pump(src: &TcpStream, dst: &TcpStream, progress: &Progress<'_>) -> Result<(), PumpError> {
+    #[cfg(target_os = "linux")]
+    match splice::pump(src, dst, progress).await {
+        Err(PumpError::Unsupported(e)) => note_fallback(&e),
+        done => return done,
+    }
+    copy::pump(src, dst, progress).await
+}
+
+#[cfg(target_os = "linux")]
+fn note_fallback(error: &io::Error) {
+    use std::sync::Once;
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        tracing::debug!(%error, "splice(2) refused for a socket pair; using buffered copy where it is");
+    });
+}
+
+/// Sends FIN to `dst` once its source reached EOF. A peer that is already gone is not an
+/// error here: the other direction will report it.
+pub(crate) fn half_close(dst: &TcpStream) {
+    let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
+}

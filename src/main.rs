@@ -1,0 +1,94 @@
+//! The `switchyard` binary: parse arguments, set up logging, load the config, and run.
+
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing::{error, info, warn};
+
+use cli::{Cli, Command};
+use switchyard::config::{self, Config};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    switchyard::log::init(cli.log_format, &cli.log_level);
+
+    let config = match &cli.command {
+        Some(Command::Forward {
+            listen,
+            to,
+            balance,
+        }) => config::forward_config(listen, to, cli::algorithm(balance)),
+        _ => match &cli.config {
+            Some(path) => Config::from_file(path),
+            None => {
+                eprintln!("switchyard: no config file; use -c FILE (or `switchyard forward --listen ADDR --to ADDR`)");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let config = match config {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("switchyard: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(Command::Check) = cli.command {
+        print!("{}", cli::summary(&config));
+        return ExitCode::SUCCESS;
+    }
+
+    raise_fd_limit();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Some(n) = config.global.worker_threads {
+        runtime.worker_threads(n);
+    }
+    let runtime = match runtime.build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("switchyard: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(switchyard::run(config, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("switchyard: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the balancer");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
+    }
+}
+
+/// Each connection holds two sockets (and up to two pipes while moving data): raise the
+/// soft open-file limit to the hard one, as HAProxy and nginx do.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                warn!(error = %e, soft, hard, "cannot raise the open-file limit");
+            }
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! Shared live state: an immutable [`Snapshot`] (validated config plus built pools and
+//! balancers) behind an `ArcSwap`, and the per-backend atomics it points to. A snapshot is
+//! built whole off the hot path and published atomically; connections `load` it once.
+//! Backend state is keyed by (pool, backend name) and carried into each new snapshot, so a
+//! rebuild resets neither health nor connection counts.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+
+use crate::backend::{Backend, BackendState, Breaker};
+use crate::balance::Balancer;
+use crate::config::{Config, HashKey, ListenerConfig, PoolConfig};
+use crate::metrics::{BackendMetrics, ListenerMetrics, Metrics, PoolMetrics};
+
+/// One pool as built from the config: backends in config order, their metric handles
+/// (same order), and the balancer over them.
+#[derive(Debug)]
+pub struct Pool {
+    pub config: PoolConfig,
+    pub backends: Vec<Backend>,
+    pub backend_metrics: Vec<BackendMetrics>,
+    pub balancer: Balancer,
+    pub breaker: Breaker,
+    pub metrics: PoolMetrics,
+}
+
+impl Pool {
+    pub fn hash_key(&self) -> HashKey {
+        self.config.hash_key
+    }
+}
+
+/// A listener's routing step: where its connections go, with its metric handles.
+#[derive(Debug)]
+pub struct Route {
+    pub config: ListenerConfig,
+    pub pool: Arc<Pool>,
+    pub metrics: ListenerMetrics,
+}
+
+/// Everything a connection needs to route, frozen at one point in time.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub config: Arc<Config>,
+    pub pools: HashMap<String, Arc<Pool>>,
+    pub routes: HashMap<String, Arc<Route>>,
+}
+
+impl Snapshot {
+    pub fn route(&self, listener: &str) -> Option<&Arc<Route>> {
+        self.routes.get(listener)
+    }
+}
+
+/// State shared by every task of one running balancer.
+#[derive(Debug)]
+pub struct Shared {
+    snapshot: ArcSwap<Snapshot>,
+    backend_states: Mutex<HashMap<(String, String), Arc<BackendState>>>,
+    pub metrics: Metrics,
+}
+
+impl Shared {
+    pub fn new(config: Config, metrics: Metrics) -> Arc<Shared> {
+        let backend_states = Mutex::new(HashMap::new());
+        let snapshot = build(config, &backend_states, &metrics);
+        Arc::new(Shared {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            backend_states,
+            metrics,
+        })
+    }
+
+    /// The current snapshot; hold it for the life of a connection.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Builds a snapshot of `config` (keeping live backend state) and publishes it.
+    pub fn publish(&self, config: Config) {
+        let snapshot = build(config, &self.backend_states, &self.metrics);
+        self.snapshot.store(Arc::new(snapshot));
+    }
+
+    /// Live state of a backend, if the current config has it.
+    pub fn backend_state(&self, pool: &str, backend: &str) -> Option<Arc<BackendState>> {
+        let snapshot = self.snapshot();
+        let pool = snapshot.pools.get(pool)?;
+        pool.backends
+            .iter()
+            .find(|b| &*b.name == backend)
+            .map(|b| Arc::clone(&b.state))
+    }
+}
+
+fn build(
+    config: Config,
+    states: &Mutex<HashMap<(String, String), Arc<BackendState>>>,
+    metrics: &Metrics,
+) -> Snapshot {
+    // A poisoned lock only means another build panicked; the map itself stays consistent.
+    let mut states = states.lock().unwrap_or_else(|e| e.into_inner());
+    let mut pools = HashMap::with_capacity(config.pools.len());
+    for pc in &config.pools {
+        let backends: Vec<Backend> = pc
+            .backends
+            .iter()
+            .map(|bc| {
+                let state = states
+                    .entry((pc.name.clone(), bc.name.clone()))
+                    .or_insert_with(|| Arc::new(BackendState::new()));
+                Backend {
+                    name: Arc::from(bc.name.as_str()),
+                    addr: crate::backend::BackendAddr(bc.address),
+                    weight: bc.weight,
+                    state: Arc::clone(state),
+                }
+            })
+            .collect();
+        let pool = Pool {
+            backend_metrics: backends
+                .iter()
+                .map(|b| metrics.backend(&pc.name, &b.name))
+                .collect(),
+            balancer: Balancer::build(pc.balance, &backends, pc.maglev_table_size),
+            breaker: Breaker {
+                max_fails: pc.max_fails,
+                fail_duration_ms: pc.fail_duration.as_millis() as u64,
+            },
+            metrics: metrics.pool(&pc.name),
+            backends,
+            config: pc.clone(),
+        };
+        pools.insert(pc.name.clone(), Arc::new(pool));
+    }
+    let routes = config
+        .listeners
+        .iter()
+        .filter_map(|lc| {
+            let pool = Arc::clone(pools.get(&lc.pool)?);
+            let route = Route {
+                config: lc.clone(),
+                pool,
+                metrics: metrics.listener(&lc.name),
+            };
+            Some((lc.name.clone(), Arc::new(route)))
+        })
+        .collect();
+    Snapshot {
+        config: Arc::new(config),
+        pools,
+        routes,
+    }
+}

@@ -1,0 +1,184 @@
+//! The `switchyard` binary as a user runs it: `check`, `forward`, `run` and SIGTERM.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+fn switchyard() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_switchyard"))
+}
+
+fn write_config(text: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::Builder::new()
+        .suffix(".yaml")
+        .tempfile()
+        .expect("temp file");
+    f.write_all(text.as_bytes()).expect("write config");
+    f
+}
+
+#[test]
+fn check_accepts_the_example_config_and_prints_a_summary() {
+    let out = switchyard()
+        .args([
+            "check",
+            "-c",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.yaml"),
+        ])
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("configuration is valid (2 listeners, 2 pools, 5 backends)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("127.0.0.1:8002 weight 2"), "{stdout}");
+    assert!(stdout.contains("maglev"), "{stdout}");
+}
+
+#[test]
+fn check_rejects_a_bad_config_with_file_line_and_key() {
+    let f = write_config(
+        "listeners:\n  - name: a\n    bind: 127.0.0.1:7000\n    pool: p\npools:\n  - name: p\n    balance: leastconn\n    backends: [{address: 127.0.0.1:1}]\n",
+    );
+    let out = switchyard()
+        .arg("check")
+        .arg("-c")
+        .arg(f.path())
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let expected = format!(
+        "{}:7:14: pools[0].balance: unknown value \"leastconn\", expected one of round_robin, least_conn, maglev, random_two",
+        f.path().display()
+    );
+    assert!(stderr.contains(&expected), "{stderr}");
+}
+
+#[test]
+fn check_reports_a_missing_file() {
+    let out = switchyard()
+        .args(["check", "-c", "/nonexistent.yaml"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent.yaml: cannot read"));
+}
+
+/// Sends SIGTERM to a child we started, by its PID.
+fn terminate(child: &std::process::Child) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("kill");
+}
+
+fn free_port() -> std::net::SocketAddr {
+    refused_addr()
+}
+
+async fn wait_listening(addr: std::net::SocketAddr) {
+    within("listener up", async {
+        while TcpStream::connect(addr).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn forward_mode_balances_over_the_given_backends_and_exits_0_on_sigterm() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let listen = free_port();
+    let mut child = switchyard()
+        .args(["forward", "--listen", &listen.to_string(), "--to"])
+        .arg(format!("{},{}", a.addr, b.addr))
+        .args(["--log-format", "json", "--log-level", "info"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    wait_listening(listen).await;
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        seen.push(backend_of(listen).await);
+    }
+    seen.sort();
+    assert_eq!(seen, ["a", "a", "b", "b"]);
+    terminate(&child);
+    let status = within(
+        "exit",
+        tokio::task::spawn_blocking(move || {
+            let status = child.wait().expect("wait");
+            let mut log = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut log);
+            }
+            (status, log)
+        }),
+    )
+    .await
+    .expect("join");
+    assert!(status.0.success(), "exit status {:?}", status.0);
+    // One JSON line per connection at close, with the fields an operator greps for.
+    let closes: Vec<&str> = status
+        .1
+        .lines()
+        .filter(|l| l.contains("connection closed"))
+        .collect();
+    assert!(closes.len() >= 4, "{}", status.1);
+    for field in [
+        "\"listener\":\"forward\"",
+        "\"backend\":",
+        "\"bytes_from_client\":",
+        "\"reason\":",
+    ] {
+        assert!(
+            closes[0].contains(field),
+            "missing {field} in {}",
+            closes[0]
+        );
+    }
+}
+
+#[tokio::test]
+async fn run_subcommand_serves_a_config_file() {
+    let a = Backend::start("a").await;
+    let listen = free_port();
+    let f = write_config(&format!(
+        "listeners:\n  - name: app\n    bind: {listen}\n    pool: p\npools:\n  - name: p\n    backends:\n      - address: {}\n",
+        a.addr
+    ));
+    for args in [vec!["run", "-c"], vec!["-c"]] {
+        let child = switchyard()
+            .args(&args)
+            .arg(f.path())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        wait_listening(listen).await;
+        let (name, mut s) = greet(TcpStream::connect(listen).await.expect("connect")).await;
+        assert_eq!(name, "a");
+        s.shutdown().await.expect("close");
+        terminate(&child);
+        let status = tokio::task::spawn_blocking(move || {
+            let mut child = child;
+            child.wait()
+        })
+        .await
+        .expect("join")
+        .expect("wait");
+        assert!(status.success());
+    }
+}
