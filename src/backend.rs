@@ -8,6 +8,10 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
+use tokio::sync::watch;
+
+use crate::conn::CloseReason;
+
 /// Address of a backend server (what Switchyard connects to).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct BackendAddr(pub SocketAddr);
@@ -66,7 +70,13 @@ pub struct BackendState {
     down_until_ms: AtomicU64,
     admin: AtomicU8,
     health: AtomicU8,
+    /// Weight set through the admin API; `NO_WEIGHT_OVERRIDE` when the config's applies.
+    weight_override: AtomicU32,
+    /// Orders open connections to this backend to close (see [`CloseSignal`]).
+    close_tx: watch::Sender<Option<CloseReason>>,
 }
+
+const NO_WEIGHT_OVERRIDE: u32 = u32::MAX;
 
 impl Default for BackendState {
     fn default() -> Self {
@@ -82,7 +92,39 @@ impl BackendState {
             down_until_ms: AtomicU64::new(0),
             admin: AtomicU8::new(AdminState::Ready as u8),
             health: AtomicU8::new(Health::Up as u8),
+            weight_override: AtomicU32::new(NO_WEIGHT_OVERRIDE),
+            close_tx: watch::Sender::new(None),
         }
+    }
+
+    /// The weight set through the admin API, which takes precedence over the config's.
+    pub fn weight_override(&self) -> Option<u32> {
+        let w = self.weight_override.load(Ordering::Relaxed);
+        (w != NO_WEIGHT_OVERRIDE).then_some(w)
+    }
+
+    /// Sets (Some) or clears (None) the weight override; the caller rebuilds the pool.
+    pub fn set_weight_override(&self, weight: Option<u32>) {
+        self.weight_override
+            .store(weight.unwrap_or(NO_WEIGHT_OVERRIDE), Ordering::Relaxed);
+    }
+
+    /// Tells every connection open to this backend *now* to close with `reason`.
+    /// Connections opened later are not affected.
+    pub fn close_connections(&self, reason: CloseReason) {
+        self.close_tx.send_replace(Some(reason));
+    }
+
+    /// What an open connection listens on to learn that it must close. Subscribe right
+    /// after connecting, then check [`BackendState::standing_close`] for an order given
+    /// just before.
+    pub fn close_signal(&self) -> CloseSignal {
+        CloseSignal(self.close_tx.subscribe())
+    }
+
+    /// A close order that applies to connections as they open (the backend is in maint).
+    pub fn standing_close(&self) -> Option<CloseReason> {
+        (self.admin() == AdminState::Maint).then_some(CloseReason::Maint)
     }
 
     /// Whether new connections may go to this backend at `now_ms`.
@@ -155,6 +197,32 @@ impl BackendState {
     pub fn passive_down_until(&self, now_ms: u64) -> Option<u64> {
         let until = self.down_until_ms.load(Ordering::Relaxed);
         (until > now_ms).then_some(until)
+    }
+}
+
+/// Receives close orders for one connection's backend.
+#[derive(Debug)]
+pub struct CloseSignal(watch::Receiver<Option<CloseReason>>);
+
+impl CloseSignal {
+    /// A signal that never fires (tests, or a connection without a backend state).
+    pub fn never() -> CloseSignal {
+        let (tx, rx) = watch::channel(None);
+        // The receiver stays valid; `recv` then waits forever, as intended.
+        drop(tx);
+        CloseSignal(rx)
+    }
+
+    /// Completes with the reason of the next close order; never, if none comes.
+    pub async fn recv(&mut self) -> CloseReason {
+        loop {
+            if self.0.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            if let Some(reason) = *self.0.borrow_and_update() {
+                return reason;
+            }
+        }
     }
 }
 
@@ -259,6 +327,33 @@ mod tests {
         assert!(!s.is_available(1));
         s.set_health(Health::Up);
         assert!(s.is_available(1));
+    }
+
+    #[tokio::test]
+    async fn close_order_reaches_connections_open_at_the_time_only() {
+        let s = BackendState::new();
+        let mut before = s.close_signal();
+        s.close_connections(CloseReason::Maint);
+        assert_eq!(before.recv().await, CloseReason::Maint);
+        let mut after = s.close_signal();
+        let later = tokio::select! {
+            biased;
+            _ = after.recv() => true,
+            () = tokio::task::yield_now() => false,
+        };
+        assert!(!later, "a connection opened after the order is not closed");
+        s.set_admin(AdminState::Maint);
+        assert_eq!(s.standing_close(), Some(CloseReason::Maint));
+    }
+
+    #[test]
+    fn weight_override_set_and_cleared() {
+        let s = BackendState::new();
+        assert_eq!(s.weight_override(), None);
+        s.set_weight_override(Some(0));
+        assert_eq!(s.weight_override(), Some(0));
+        s.set_weight_override(None);
+        assert_eq!(s.weight_override(), None);
     }
 
     #[test]

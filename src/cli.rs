@@ -21,6 +21,10 @@ pub struct Cli {
     /// Log level or filter (error, warn, info, debug, trace; or a tracing filter).
     #[arg(long, global = true, default_value = "info")]
     pub log_level: String,
+    /// Binary upgrade: take the listening sockets over from the process serving this
+    /// upgrade socket (its `admin.upgrade_socket`); it drains once this one accepts.
+    #[arg(long, global = true, value_name = "SOCKET")]
+    pub takeover: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Option<Command>,
 }

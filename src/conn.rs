@@ -12,6 +12,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::access_log::{AccessLog, Record};
 use crate::backend::ClientAddr;
 use crate::clock;
 use crate::config::{HashKey, MAX_RETRIES};
@@ -38,10 +39,12 @@ pub enum CloseReason {
     NoBackend,
     /// The balancer is shutting down and the grace period ended.
     Shutdown,
+    /// An operator put the backend in maintenance (admin API): its connections close.
+    Maint,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 8] = [
+    pub const ALL: [CloseReason; 9] = [
         CloseReason::ClientClosed,
         CloseReason::BackendClosed,
         CloseReason::ClientReset,
@@ -50,6 +53,7 @@ impl CloseReason {
         CloseReason::ConnectFailed,
         CloseReason::NoBackend,
         CloseReason::Shutdown,
+        CloseReason::Maint,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -62,6 +66,7 @@ impl CloseReason {
             CloseReason::ConnectFailed => "connect_failed",
             CloseReason::NoBackend => "no_backend",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::Maint => "maint",
         }
     }
 }
@@ -73,6 +78,8 @@ pub struct ListenerCtx {
     pub shared: Arc<Shared>,
     /// Fires when the shutdown grace period ends: open connections close.
     pub close_all: CancellationToken,
+    /// One record per connection at its end, written off the data path.
+    pub access_log: AccessLog,
 }
 
 /// Serves one accepted client connection to completion.
@@ -101,22 +108,37 @@ pub async fn serve(
         Ok((index, stream)) => {
             let backend = &pool.backends[index];
             let _counted = backend.state.connection_opened();
+            // Subscribe first, then look for an order given just before (maint).
+            let mut close = backend.state.close_signal();
             let _ = stream.set_nodelay(true);
+            let metrics = &pool.backend_metrics[index];
             let counters = ByteCounters {
                 from_client: route.metrics.bytes_from_clients.clone(),
                 to_client: route.metrics.bytes_to_clients.clone(),
+                backend_from_client: metrics.bytes_from_clients.clone(),
+                backend_to_client: metrics.bytes_to_clients.clone(),
             };
-            let out = forward::forward(
-                &client,
-                &stream,
-                route.config.idle_timeout,
-                &ctx.close_all,
-                &counters,
-            )
-            .await;
+            let out = match backend.state.standing_close() {
+                Some(reason) => forward::Outcome {
+                    reason,
+                    bytes_from_client: 0,
+                    bytes_to_client: 0,
+                },
+                None => {
+                    forward::forward(
+                        &client,
+                        &stream,
+                        route.config.idle_timeout,
+                        &ctx.close_all,
+                        &mut close,
+                        &counters,
+                    )
+                    .await
+                }
+            };
             (
                 out.reason,
-                Some(backend.addr),
+                Some(backend),
                 (out.bytes_from_client, out.bytes_to_client),
             )
         }
@@ -126,11 +148,23 @@ pub async fn serve(
     log_close(
         route,
         client_addr,
-        backend.map(|b| b.to_string()),
+        backend.map(|b| b.addr.to_string()),
         bytes,
         started,
         reason,
     );
+    ctx.access_log.log(|| Record {
+        time: std::time::SystemTime::now(),
+        listener: Arc::clone(&ctx.name),
+        client: client_addr,
+        pool: Arc::from(pool.config.name.as_str()),
+        backend: backend.map(|b| (Arc::clone(&b.name), b.addr)),
+        sni: None,
+        bytes_from_client: bytes.0,
+        bytes_to_client: bytes.1,
+        duration: started.elapsed(),
+        reason,
+    });
 }
 
 fn log_close(

@@ -4,13 +4,18 @@
 //! Module map: `config` (file → validated config), `state` (snapshot + live backend state),
 //! `backend` (identity, atomics, passive breaker), `balance` (selection algorithms),
 //! `listener` (bind/accept), `conn` (one connection), `forward` (the byte path),
-//! `metrics` (names and handles), `server` (start and graceful stop).
+//! `metrics` (names and handles), `server` (start and graceful stop), `control` (reload,
+//! admin changes), `admin` (HTTP: metrics, status page, admin API), `access_log`,
+//! `upgrade` (socket hand-over to a new binary).
 
+pub mod access_log;
+pub mod admin;
 pub mod backend;
 pub mod balance;
 pub mod clock;
 pub mod config;
 pub mod conn;
+pub mod control;
 pub mod forward;
 pub mod hash;
 pub mod listener;
@@ -18,6 +23,7 @@ pub mod log;
 pub mod metrics;
 pub mod server;
 pub mod state;
+pub mod upgrade;
 
 pub use config::Config;
 pub use server::{run, Server};

@@ -41,6 +41,20 @@ fn main() -> ExitCode {
     }
 
     raise_fd_limit();
+    let takeover = match &cli.takeover {
+        Some(path) => match switchyard::upgrade::Takeover::connect(path) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("switchyard: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
+    let config_path = match &cli.command {
+        Some(Command::Forward { .. }) => None,
+        _ => cli.config.clone(),
+    };
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
     if let Some(n) = config.global.worker_threads {
@@ -53,7 +67,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(switchyard::run(config, shutdown_signal())) {
+    match runtime.block_on(serve(config, config_path, takeover)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e:#}");
@@ -61,6 +75,37 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Runs the balancer; SIGHUP reloads the config file.
+async fn serve(
+    config: Config,
+    config_path: Option<std::path::PathBuf>,
+    takeover: Option<switchyard::upgrade::Takeover>,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    // Installed before anything is served, so an early SIGHUP reloads instead of killing.
+    let hangup = signal(SignalKind::hangup());
+    let mut server = switchyard::Server::bind_with(config, takeover)?;
+    if let Some(path) = config_path {
+        server = server.with_config_path(path);
+    }
+    server
+        .run_with(shutdown_signal(), move |control| match hangup {
+            Ok(mut hangup) => {
+                tokio::spawn(async move {
+                    while hangup.recv().await.is_some() {
+                        info!("SIGHUP received; reloading the config");
+                        // The outcome is logged (and counted) by `reload` itself.
+                        let _ = control.reload().await;
+                    }
+                });
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot listen for SIGHUP; reload through the admin API only")
+            }
+        })
+        .await
 }
 
 /// Completes on SIGTERM or SIGINT.

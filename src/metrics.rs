@@ -25,6 +25,89 @@ pub mod names {
     pub const BACKEND_CONNECT_DURATION: &str = "switchyard_backend_connect_duration_seconds";
     pub const BACKEND_BREAKER_OPENED: &str = "switchyard_backend_passive_down_total";
     pub const POOL_RETRIES: &str = "switchyard_pool_connect_retries_total";
+    pub const BACKEND_BYTES_FROM_CLIENTS: &str = "switchyard_backend_bytes_from_clients_total";
+    pub const BACKEND_BYTES_TO_CLIENTS: &str = "switchyard_backend_bytes_to_clients_total";
+    pub const BACKEND_CHECK_DURATION: &str = "switchyard_backend_check_duration_seconds";
+    pub const BACKEND_CHECKS: &str = "switchyard_backend_checks_total";
+    // Read from live backend state at scrape time (admin::exporter).
+    pub const BACKEND_CONNECTIONS_ACTIVE: &str = "switchyard_backend_connections_active";
+    pub const BACKEND_UP: &str = "switchyard_backend_up";
+    pub const BACKEND_STATE: &str = "switchyard_backend_state";
+    pub const BACKEND_WEIGHT: &str = "switchyard_backend_weight";
+    pub const CONFIG_RELOADS: &str = "switchyard_config_reloads_total";
+    pub const CONFIG_LAST_RELOAD_SUCCESSFUL: &str = "switchyard_config_last_reload_successful";
+    pub const CONFIG_LAST_RELOAD_SUCCESS_TIME: &str =
+        "switchyard_config_last_reload_success_timestamp_seconds";
+    pub const ACCESS_LOG_RECORDS: &str = "switchyard_access_log_records_total";
+    pub const ACCESS_LOG_DROPPED: &str = "switchyard_access_log_dropped_total";
+    pub const ACCESS_LOG_WRITE_ERRORS: &str = "switchyard_access_log_write_errors_total";
+    pub const ADMIN_AUTH_FAILURES: &str = "switchyard_admin_auth_failures_total";
+    pub const BUILD_INFO: &str = "switchyard_build_info";
+    pub const READY: &str = "switchyard_ready";
+    // Process metrics, read from /proc at scrape time; the names every exporter uses.
+    pub const PROCESS_CPU: &str = "process_cpu_seconds_total";
+    pub const PROCESS_RSS: &str = "process_resident_memory_bytes";
+    pub const PROCESS_VSZ: &str = "process_virtual_memory_bytes";
+    pub const PROCESS_OPEN_FDS: &str = "process_open_fds";
+    pub const PROCESS_MAX_FDS: &str = "process_max_fds";
+    pub const PROCESS_START_TIME: &str = "process_start_time_seconds";
+
+    /// Every metric family the balancer exports (dashboards and alerts are checked against it).
+    pub const ALL: &[&str] = &[
+        LISTENER_CONNECTIONS_ACCEPTED,
+        LISTENER_CONNECTIONS_REJECTED,
+        LISTENER_CONNECTIONS_ACTIVE,
+        LISTENER_CONNECTIONS_CLOSED,
+        LISTENER_ACCEPT_ERRORS,
+        LISTENER_BYTES_FROM_CLIENTS,
+        LISTENER_BYTES_TO_CLIENTS,
+        BACKEND_CONNECT_ATTEMPTS,
+        BACKEND_CONNECT_FAILURES,
+        BACKEND_CONNECT_DURATION,
+        BACKEND_BREAKER_OPENED,
+        POOL_RETRIES,
+        BACKEND_BYTES_FROM_CLIENTS,
+        BACKEND_BYTES_TO_CLIENTS,
+        BACKEND_CHECK_DURATION,
+        BACKEND_CHECKS,
+        BACKEND_CONNECTIONS_ACTIVE,
+        BACKEND_UP,
+        BACKEND_STATE,
+        BACKEND_WEIGHT,
+        CONFIG_RELOADS,
+        CONFIG_LAST_RELOAD_SUCCESSFUL,
+        CONFIG_LAST_RELOAD_SUCCESS_TIME,
+        ACCESS_LOG_RECORDS,
+        ACCESS_LOG_DROPPED,
+        ACCESS_LOG_WRITE_ERRORS,
+        ADMIN_AUTH_FAILURES,
+        BUILD_INFO,
+        READY,
+        PROCESS_CPU,
+        PROCESS_RSS,
+        PROCESS_VSZ,
+        PROCESS_OPEN_FDS,
+        PROCESS_MAX_FDS,
+        PROCESS_START_TIME,
+    ];
+}
+
+/// Result of one health check, as a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckResult {
+    Ok,
+    Failed,
+}
+
+impl CheckResult {
+    pub const ALL: [CheckResult; 2] = [CheckResult::Ok, CheckResult::Failed];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckResult::Ok => "ok",
+            CheckResult::Failed => "failed",
+        }
+    }
 }
 
 /// Why a listener turned a connection away before any backend was chosen.
@@ -57,6 +140,26 @@ pub struct Metrics {
     backend_connect_duration: HistogramVec,
     backend_breaker_opened: IntCounterVec,
     pool_retries: IntCounterVec,
+    backend_bytes_from_clients: IntCounterVec,
+    backend_bytes_to_clients: IntCounterVec,
+    backend_check_duration: HistogramVec,
+    backend_checks: IntCounterVec,
+    /// Handles for the operations side: reloads, access log, admin API.
+    pub ops: OpsMetrics,
+}
+
+/// Handles for reloads, the access log and the admin API.
+#[derive(Debug, Clone)]
+pub struct OpsMetrics {
+    pub reloads_ok: IntCounter,
+    pub reloads_failed: IntCounter,
+    pub last_reload_successful: IntGauge,
+    pub last_reload_success_time: IntGauge,
+    pub access_log_records: IntCounter,
+    pub access_log_dropped: IntCounter,
+    pub access_log_write_errors: IntCounter,
+    pub admin_auth_failures: IntCounter,
+    pub ready: IntGauge,
 }
 
 /// Handles for one listener.
@@ -84,12 +187,31 @@ pub struct BackendMetrics {
     pub connect_failures: IntCounter,
     pub connect_duration: Histogram,
     pub breaker_opened: IntCounter,
+    pub bytes_from_clients: IntCounter,
+    pub bytes_to_clients: IntCounter,
+    /// Active health checks record here (one child per backend, exported from the start).
+    pub check_duration: Histogram,
+    checks: Vec<IntCounter>,
+}
+
+impl BackendMetrics {
+    pub fn checks(&self, result: CheckResult) -> &IntCounter {
+        &self.checks[result as usize]
+    }
 }
 
 /// Handles for one pool.
 #[derive(Debug, Clone)]
 pub struct PoolMetrics {
     pub retries: IntCounter,
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    registry
+        .register(Box::new(g.clone()))
+        .unwrap_or_else(|e| panic!("register {name}: {e}"));
+    g
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -139,7 +261,102 @@ impl Metrics {
         registry
             .register(Box::new(backend_connect_duration.clone()))
             .unwrap_or_else(|e| panic!("register: {e}"));
+        let backend_check_duration = HistogramVec::new(
+            HistogramOpts::new(BACKEND_CHECK_DURATION, "Time an active health check took.")
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ]),
+            &["pool", "backend"],
+        )
+        .unwrap_or_else(|e| panic!("metric: {e}"));
+        registry
+            .register(Box::new(backend_check_duration.clone()))
+            .unwrap_or_else(|e| panic!("register: {e}"));
+        let reloads = counter_vec(
+            &registry,
+            CONFIG_RELOADS,
+            "Config reloads (SIGHUP or admin API), by result.",
+            &["result"],
+        );
+        let build_info = IntGaugeVec::new(
+            Opts::new(BUILD_INFO, "Always 1; the version as a label."),
+            &["version"],
+        )
+        .unwrap_or_else(|e| panic!("metric: {e}"));
+        registry
+            .register(Box::new(build_info.clone()))
+            .unwrap_or_else(|e| panic!("register: {e}"));
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        let ops = OpsMetrics {
+            reloads_ok: reloads.with_label_values(&["ok"]),
+            reloads_failed: reloads.with_label_values(&["error"]),
+            last_reload_successful: gauge(
+                &registry,
+                CONFIG_LAST_RELOAD_SUCCESSFUL,
+                "1 when the last reload succeeded (or none was tried), 0 when it was rejected.",
+            ),
+            last_reload_success_time: gauge(
+                &registry,
+                CONFIG_LAST_RELOAD_SUCCESS_TIME,
+                "Unix time of the last config load that took effect.",
+            ),
+            access_log_records: IntCounter::new(ACCESS_LOG_RECORDS, "Access log records written.")
+                .unwrap_or_else(|e| panic!("metric: {e}")),
+            access_log_dropped: IntCounter::new(
+                ACCESS_LOG_DROPPED,
+                "Access log records dropped because the writer fell behind.",
+            )
+            .unwrap_or_else(|e| panic!("metric: {e}")),
+            access_log_write_errors: IntCounter::new(
+                ACCESS_LOG_WRITE_ERRORS,
+                "Access log writes or reopens that failed.",
+            )
+            .unwrap_or_else(|e| panic!("metric: {e}")),
+            admin_auth_failures: IntCounter::new(
+                ADMIN_AUTH_FAILURES,
+                "Admin API calls refused for a missing or wrong token.",
+            )
+            .unwrap_or_else(|e| panic!("metric: {e}")),
+            ready: gauge(
+                &registry,
+                READY,
+                "1 once every listener is bound and serving; 0 while starting or stopping.",
+            ),
+        };
+        for c in [
+            &ops.access_log_records,
+            &ops.access_log_dropped,
+            &ops.access_log_write_errors,
+            &ops.admin_auth_failures,
+        ] {
+            registry
+                .register(Box::new(c.clone()))
+                .unwrap_or_else(|e| panic!("register: {e}"));
+        }
+        ops.last_reload_successful.set(1);
         Metrics {
+            backend_bytes_from_clients: counter_vec(
+                &registry,
+                BACKEND_BYTES_FROM_CLIENTS,
+                "Bytes received from clients and forwarded to a backend.",
+                &["pool", "backend"],
+            ),
+            backend_bytes_to_clients: counter_vec(
+                &registry,
+                BACKEND_BYTES_TO_CLIENTS,
+                "Bytes from a backend sent to clients.",
+                &["pool", "backend"],
+            ),
+            backend_check_duration,
+            backend_checks: counter_vec(
+                &registry,
+                BACKEND_CHECKS,
+                "Active health checks, by result.",
+                &["pool", "backend", "result"],
+            ),
+            ops,
             listener_accepted: counter_vec(
                 &registry,
                 LISTENER_CONNECTIONS_ACCEPTED,
@@ -234,6 +451,16 @@ impl Metrics {
             connect_failures: self.backend_connect_failures.with_label_values(l),
             connect_duration: self.backend_connect_duration.with_label_values(l),
             breaker_opened: self.backend_breaker_opened.with_label_values(l),
+            bytes_from_clients: self.backend_bytes_from_clients.with_label_values(l),
+            bytes_to_clients: self.backend_bytes_to_clients.with_label_values(l),
+            check_duration: self.backend_check_duration.with_label_values(l),
+            checks: CheckResult::ALL
+                .iter()
+                .map(|r| {
+                    self.backend_checks
+                        .with_label_values(&[pool, backend, r.as_str()])
+                })
+                .collect(),
         }
     }
 

@@ -1,51 +1,93 @@
-//! A running balancer: binds every listener, spawns accept tasks and connections, and shuts
-//! down gracefully (stop accepting, let connections finish for `shutdown_grace`, then close
-//! them). `main`, the tests, the benches and the demo all drive this same type.
+//! A running balancer: binds every listener (and the admin server), spawns accept tasks and
+//! connections, and shuts down gracefully (stop accepting, let connections finish for
+//! `shutdown_grace`, then close them). Reloads and admin changes go through [`Control`].
+//! `main`, the tests, the benches and the demo all drive this same type.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::access_log::AccessLog;
 use crate::config::Config;
-use crate::conn::ListenerCtx;
-use crate::listener::tcp::{self, AcceptLoop};
+use crate::control::Control;
+use crate::listener::set::{Bound, ListenerSet};
 use crate::metrics::Metrics;
 use crate::state::Shared;
+use crate::upgrade;
 
 /// Bound listeners, not yet serving.
 pub struct Server {
     shared: Arc<Shared>,
-    sockets: Vec<(String, Vec<std::net::TcpListener>)>,
+    bound: Vec<Bound>,
     local_addrs: HashMap<String, SocketAddr>,
+    admin: Option<std::net::TcpListener>,
+    config_path: Option<PathBuf>,
+    tracker: TaskTracker,
+    close_all: CancellationToken,
+    access_log: AccessLog,
+    access_log_thread: Option<std::thread::JoinHandle<()>>,
+    takeover: Option<upgrade::Takeover>,
 }
 
 impl Server {
     /// Binds every listener of `config`; fails, naming the listener, if any cannot be bound.
     pub fn bind(config: Config) -> anyhow::Result<Server> {
-        let mut sockets = Vec::with_capacity(config.listeners.len());
+        Server::bind_with(config, None)
+    }
+
+    /// Like [`Server::bind`], but takes listening sockets over from a running process
+    /// instead of binding them (binary upgrade; see `upgrade`).
+    pub fn bind_with(
+        config: Config,
+        mut takeover: Option<upgrade::Takeover>,
+    ) -> anyhow::Result<Server> {
+        let mut bound = Vec::with_capacity(config.listeners.len());
         let mut local_addrs = HashMap::new();
         for l in &config.listeners {
-            let bound = tcp::bind_all(l.bind, l.reuse_port, l.accept_tasks)
-                .with_context(|| format!("listener \"{}\": cannot bind {}", l.name, l.bind))?;
-            let addr = bound[0]
-                .local_addr()
-                .with_context(|| format!("listener \"{}\": local address", l.name))?;
-            local_addrs.insert(l.name.clone(), addr);
-            sockets.push((l.name.clone(), bound));
+            let b = match takeover.as_mut().and_then(|t| t.take_listener(l)) {
+                Some(sockets) => Bound::from_sockets(l, sockets)?,
+                None => Bound::bind(l)?,
+            };
+            local_addrs.insert(l.name.clone(), b.local);
+            bound.push(b);
         }
+        let admin = match &config.admin {
+            None => None,
+            Some(a) => Some(match takeover.as_mut().and_then(|t| t.take_admin(a.bind)) {
+                Some(socket) => socket,
+                None => crate::admin::bind(a.bind)
+                    .with_context(|| format!("admin: cannot bind {}", a.bind))?,
+            }),
+        };
+        let metrics = Metrics::new();
+        let (access_log, access_log_thread) =
+            AccessLog::start(config.access_log.as_ref(), &metrics.ops)
+                .context("access log: cannot start the writer thread")?;
         Ok(Server {
-            shared: Shared::new(config, Metrics::new()),
-            sockets,
+            shared: Shared::new(config, metrics),
+            bound,
             local_addrs,
+            admin,
+            config_path: None,
+            tracker: TaskTracker::new(),
+            close_all: CancellationToken::new(),
+            access_log,
+            access_log_thread: Some(access_log_thread),
+            takeover,
         })
+    }
+
+    /// The file reloads re-read (SIGHUP, `POST /api/v1/reload`).
+    pub fn with_config_path(mut self, path: impl Into<PathBuf>) -> Server {
+        self.config_path = Some(path.into());
+        self
     }
 
     /// The address a listener is bound to (useful with port 0).
@@ -53,64 +95,104 @@ impl Server {
         self.local_addrs.get(listener).copied()
     }
 
+    /// The admin server's address, when the config has an `admin` section.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|a| a.local_addr().ok())
+    }
+
     /// Live state shared with every task: snapshot, backend states, metrics.
     pub fn shared(&self) -> Arc<Shared> {
         Arc::clone(&self.shared)
     }
 
-    /// Serves until `shutdown` completes, then drains within `shutdown_grace`.
+    /// Serves until `shutdown` completes (or a new process takes over), then drains within
+    /// `shutdown_grace`.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let stop_accepting = CancellationToken::new();
-        let close_all = CancellationToken::new();
-        let tracker = TaskTracker::new();
-        let mut accept_tasks = JoinSet::new();
-        let snapshot = self.shared.snapshot();
-        for (name, sockets) in self.sockets {
-            let Some(route) = snapshot.route(&name) else {
-                continue;
-            };
-            let ctx = Arc::new(ListenerCtx {
-                name: Arc::from(name.as_str()),
-                shared: Arc::clone(&self.shared),
-                close_all: close_all.clone(),
-            });
-            let limit = Arc::new(Semaphore::new(route.config.max_connections));
-            for socket in sockets {
-                let listener = tokio::net::TcpListener::from_std(socket)
-                    .with_context(|| format!("listener \"{name}\": register with the runtime"))?;
-                info!(listener = %name, bind = %route.config.bind, pool = %route.pool.config.name, "listening");
-                accept_tasks.spawn(
-                    AcceptLoop {
-                        listener,
-                        ctx: Arc::clone(&ctx),
-                        metrics: route.metrics.clone(),
-                        limit: Arc::clone(&limit),
-                        tracker: tracker.clone(),
-                        stop: stop_accepting.clone(),
-                    }
-                    .run(),
-                );
-            }
-        }
-        let grace = snapshot.config.global.shutdown_grace;
-        drop(snapshot);
+        self.run_with(shutdown, |_| {}).await
+    }
 
-        shutdown.await;
-        stop_accepting.cancel();
-        while accept_tasks.join_next().await.is_some() {}
-        tracker.close();
+    /// [`Server::run`], handing the [`Control`] (reload, admin changes) to `on_control`
+    /// once every listener accepts.
+    pub async fn run_with(
+        mut self,
+        shutdown: impl Future<Output = ()>,
+        on_control: impl FnOnce(Arc<Control>),
+    ) -> anyhow::Result<()> {
+        let set = ListenerSet::new(
+            Arc::clone(&self.shared),
+            self.tracker.clone(),
+            self.close_all.clone(),
+            self.access_log.clone(),
+        );
+        let control = Arc::new(Control::new(
+            Arc::clone(&self.shared),
+            self.config_path.take(),
+            set,
+            self.access_log.clone(),
+        ));
+        {
+            let mut set = control.listeners.lock().await;
+            let snapshot = self.shared.snapshot();
+            for bound in self.bound.drain(..) {
+                let Some(route) = snapshot.route(&bound.name) else {
+                    continue;
+                };
+                set.start(bound, route.config.max_connections)?;
+            }
+            control.refresh_addrs(&set);
+        }
+        let admin_stop = CancellationToken::new();
+        let mut admin_dup = None;
+        let admin_task = match self.admin.take() {
+            Some(socket) => {
+                admin_dup = Some(socket.try_clone().context("admin: dup socket")?);
+                Some(tokio::spawn(crate::admin::serve(
+                    socket,
+                    Arc::clone(&control),
+                    admin_stop.clone(),
+                )?))
+            }
+            None => None,
+        };
+        let handover = upgrade::serve_handover(&control, self.takeover.take(), admin_dup)?;
+        control.set_ready(true);
+        on_control(Arc::clone(&control));
+
+        tokio::select! {
+            () = shutdown => {}
+            () = control.handed_over.cancelled() => info!("a new process took over the listeners"),
+        }
+        control.set_ready(false);
+        control.listeners.lock().await.stop_all().await;
+        control.refresh_addrs(&*control.listeners.lock().await);
+        if let Some(handover) = handover {
+            handover.close(control.handed_over.is_cancelled());
+        }
+        let grace = self.shared.snapshot().config.global.shutdown_grace;
+        self.tracker.close();
         info!(
-            open_connections = tracker.len(),
+            open_connections = self.tracker.len(),
             grace_ms = grace.as_millis() as u64,
             "shutting down: listeners closed, waiting for open connections"
         );
-        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
             warn!(
-                open_connections = tracker.len(),
+                open_connections = self.tracker.len(),
                 "shutdown grace period over; closing remaining connections"
             );
-            close_all.cancel();
-            tracker.wait().await;
+            self.close_all.cancel();
+            self.tracker.wait().await;
+        }
+        admin_stop.cancel();
+        if let Some(task) = admin_task {
+            let _ = task.await;
+        }
+        self.access_log.stop().await;
+        if let Some(thread) = self.access_log_thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
         info!("shutdown complete");
         Ok(())

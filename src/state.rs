@@ -114,7 +114,8 @@ fn build(
                 Backend {
                     name: Arc::from(bc.name.as_str()),
                     addr: crate::backend::BackendAddr(bc.address),
-                    weight: bc.weight,
+                    // A weight set through the admin API outlives reloads.
+                    weight: state.weight_override().unwrap_or(bc.weight),
                     state: Arc::clone(state),
                 }
             })

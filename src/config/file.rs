@@ -21,6 +21,26 @@ pub struct ConfigFile {
     pub listeners: Vec<ListenerSection>,
     #[serde(default)]
     pub pools: Vec<PoolSection>,
+    pub admin: Option<AdminSection>,
+    pub access_log: Option<AccessLogSection>,
+}
+
+/// The admin HTTP server (metrics, status page, admin API).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    pub bind: Option<String>,
+    /// Name of the environment variable that holds the admin token.
+    pub token_env: Option<String>,
+    /// Unix socket through which a new process takes over the listening sockets.
+    pub upgrade_socket: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogSection {
+    pub path: String,
+    pub format: Option<super::AccessLogFormat>,
 }
 
 #[derive(Debug, Default, Deserialize)]

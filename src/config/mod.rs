@@ -6,6 +6,7 @@
 mod error;
 mod file;
 mod locate;
+mod ops;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -16,6 +17,7 @@ use serde::Deserialize;
 
 pub use error::{ConfigError, ConfigLocation};
 pub use file::ConfigDuration;
+pub use ops::{AccessLogConfig, AccessLogFormat, AccessLogTarget, AdminConfig, AdminToken};
 
 use crate::balance::{self, Algorithm};
 use file::{BackendSection, ConfigFile, DefaultsSection, ListenerSection, PoolSection};
@@ -49,6 +51,10 @@ pub struct Config {
     pub global: GlobalConfig,
     pub listeners: Vec<ListenerConfig>,
     pub pools: Vec<PoolConfig>,
+    /// The admin HTTP server; None when the file has no `admin` section.
+    pub admin: Option<AdminConfig>,
+    /// One record per connection; None when the file has no `access_log` section.
+    pub access_log: Option<AccessLogConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -259,6 +265,8 @@ fn validate(file: ConfigFile, ctx: &Ctx<'_>) -> Result<Config, ConfigError> {
         global,
         listeners,
         pools,
+        admin: ops::validate_admin(file.admin, ctx)?,
+        access_log: ops::validate_access_log(file.access_log, ctx)?,
     })
 }
 

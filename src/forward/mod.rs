@@ -18,6 +18,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::backend::CloseSignal;
 use crate::conn::CloseReason;
 
 /// What a finished forwarding reports.
@@ -33,6 +34,9 @@ pub struct Outcome {
 pub struct ByteCounters {
     pub from_client: IntCounter,
     pub to_client: IntCounter,
+    /// The same bytes, counted on the backend.
+    pub backend_from_client: IntCounter,
+    pub backend_to_client: IntCounter,
 }
 
 /// Which end of a direction failed.
@@ -52,6 +56,7 @@ pub(crate) enum PumpError {
 pub(crate) struct Progress<'a> {
     moved: AtomicU64,
     counter: &'a IntCounter,
+    backend_counter: &'a IntCounter,
     activity: &'a Activity,
 }
 
@@ -59,6 +64,7 @@ impl Progress<'_> {
     pub(crate) fn add(&self, n: usize) {
         self.moved.fetch_add(n as u64, Ordering::Relaxed);
         self.counter.inc_by(n as u64);
+        self.backend_counter.inc_by(n as u64);
         self.activity.touch();
     }
 
@@ -85,12 +91,13 @@ impl Activity {
 }
 
 /// Forwards both directions until both have ended, one fails, the connection idles past
-/// `idle_timeout`, or `cancel` fires.
+/// `idle_timeout`, `cancel` fires, or `close` orders the backend's connections closed.
 pub async fn forward(
     client: &TcpStream,
     backend: &TcpStream,
     idle_timeout: Duration,
     cancel: &CancellationToken,
+    close: &mut CloseSignal,
     counters: &ByteCounters,
 ) -> Outcome {
     let activity = Activity {
@@ -100,11 +107,13 @@ pub async fn forward(
     let up = Progress {
         moved: AtomicU64::new(0),
         counter: &counters.from_client,
+        backend_counter: &counters.backend_from_client,
         activity: &activity,
     };
     let down = Progress {
         moved: AtomicU64::new(0),
         counter: &counters.to_client,
+        backend_counter: &counters.backend_to_client,
         activity: &activity,
     };
     let up_pump = pump(client, backend, &up);
@@ -142,6 +151,7 @@ pub async fn forward(
                 }
             }
             () = cancel.cancelled() => break CloseReason::Shutdown,
+            reason = close.recv() => break reason,
         }
     };
     Outcome {

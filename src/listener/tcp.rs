@@ -78,14 +78,16 @@ pub struct AcceptLoop {
 }
 
 impl AcceptLoop {
-    pub async fn run(self) {
+    /// Accepts until `stop` fires; hands the socket back (a reload may give it to a
+    /// renamed listener).
+    pub async fn run(self) -> TcpListener {
         let mut backoff = Duration::from_millis(5);
         let mut last_error_log: Option<Instant> = None;
         let mut suppressed = 0u64;
         loop {
             let accepted = tokio::select! {
                 biased;
-                () = self.stop.cancelled() => return,
+                () = self.stop.cancelled() => return self.listener,
                 accepted = self.listener.accept() => accepted,
             };
             match accepted {
@@ -128,7 +130,7 @@ impl AcceptLoop {
                         suppressed += 1;
                     }
                     tokio::select! {
-                        () = self.stop.cancelled() => return,
+                        () = self.stop.cancelled() => return self.listener,
                         () = tokio::time::sleep(backoff) => {}
                     }
                     backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);

@@ -1,0 +1,267 @@
+//! The status document (`GET /api/v1/status`, and the data behind the status page): every
+//! listener, pool and backend with its state, reason, weight, connections and counters.
+//! Built from the current snapshot and live atomics; never locks the data path.
+//!
+//! A backend's `state` is one of up, down, standby, drain, maint. Its `health` object
+//! (`{state, reason, last_check}`) is what checking concluded: today the passive breaker
+//! and the health atomic; active checks fill `last_check`. Listeners carry a `protocol` and
+//! leave room for per-protocol fields.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::backend::{AdminState, Backend, Health};
+use crate::clock;
+use crate::conn::CloseReason;
+use crate::control::{admin_state_name, unix_seconds, Control};
+use crate::state::{Pool, Route};
+
+/// Overall backend states, as used in the status document and `switchyard_backend_state`.
+pub const BACKEND_STATES: [&str; 5] = ["up", "down", "standby", "drain", "maint"];
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub version: &'static str,
+    pub pid: u32,
+    pub uptime_seconds: f64,
+    pub ready: bool,
+    pub config: ConfigStatus,
+    pub admin: AdminStatus,
+    pub listeners: Vec<ListenerStatus>,
+    pub pools: Vec<PoolStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConfigStatus {
+    pub source: String,
+    pub reloads_ok: u64,
+    pub reloads_failed: u64,
+    pub last_reload_error: Option<String>,
+    pub last_load_unix: Option<i64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AdminStatus {
+    /// Whether mutating calls need a bearer token.
+    pub auth_required: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ListenerStatus {
+    pub name: String,
+    pub protocol: &'static str,
+    pub bind: String,
+    /// Where it is bound now (differs from `bind` with port 0); None when not accepting.
+    pub local_addr: Option<String>,
+    pub sockets: usize,
+    pub pool: String,
+    pub max_connections: usize,
+    pub idle_timeout_seconds: f64,
+    pub connections: ListenerConnections,
+    pub bytes: Bytes,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ListenerConnections {
+    pub active: i64,
+    pub accepted: u64,
+    pub rejected: u64,
+    pub closed: BTreeMap<&'static str, u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Bytes {
+    pub from_clients: u64,
+    pub to_clients: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PoolStatus {
+    pub name: String,
+    pub balance: &'static str,
+    pub backends_total: usize,
+    /// Backends whose state is `up` (taking new connections).
+    pub backends_up: usize,
+    pub connect_retries: u64,
+    pub backends: Vec<BackendStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BackendStatus {
+    pub name: String,
+    pub address: String,
+    /// The weight in effect (an admin override, or the config's).
+    pub weight: u32,
+    pub configured_weight: u32,
+    pub weight_overridden: bool,
+    /// Operator state: ready, drain, maint.
+    pub admin_state: &'static str,
+    /// Overall: up, down, standby, drain, maint.
+    pub state: &'static str,
+    pub health: HealthStatus,
+    pub connections: BackendConnections,
+    pub bytes: Bytes,
+}
+
+#[derive(Debug, Serialize)]
+pub struct HealthStatus {
+    /// up, down or standby.
+    pub state: &'static str,
+    pub reason: Option<String>,
+    /// The last active check, once active checks run.
+    pub last_check: Option<CheckStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CheckStatus {
+    pub result: &'static str,
+    pub age_seconds: f64,
+    pub duration_seconds: f64,
+    pub message: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BackendConnections {
+    pub active: u64,
+    pub connect_attempts: u64,
+    pub connect_failures: u64,
+}
+
+/// What checking concluded about a backend at `now_ms`: state and reason.
+pub fn health(backend: &Backend, now_ms: u64) -> (&'static str, Option<String>) {
+    if let Some(until) = backend.state.passive_down_until(now_ms) {
+        let left = (until - now_ms) as f64 / 1000.0;
+        return (
+            "down",
+            Some(format!(
+                "passive: consecutive connect failures; retried in {left:.1}s"
+            )),
+        );
+    }
+    match backend.state.health() {
+        Health::Up => ("up", None),
+        Health::Down => ("down", Some("health check failed".to_string())),
+    }
+}
+
+/// The overall state: operator state first, then health.
+pub fn overall(backend: &Backend, health_state: &'static str) -> &'static str {
+    match backend.state.admin() {
+        AdminState::Maint => "maint",
+        AdminState::Drain => "drain",
+        AdminState::Ready => health_state,
+    }
+}
+
+fn backend_status(pool: &Pool, index: usize, now_ms: u64) -> BackendStatus {
+    let b = &pool.backends[index];
+    let m = &pool.backend_metrics[index];
+    let configured = pool
+        .config
+        .backends
+        .get(index)
+        .map_or(b.weight, |c| c.weight);
+    let (health_state, reason) = health(b, now_ms);
+    BackendStatus {
+        name: b.name.to_string(),
+        address: b.addr.to_string(),
+        weight: b.weight,
+        configured_weight: configured,
+        weight_overridden: b.state.weight_override().is_some(),
+        admin_state: admin_state_name(b.state.admin()),
+        state: overall(b, health_state),
+        health: HealthStatus {
+            state: health_state,
+            reason,
+            last_check: None,
+        },
+        connections: BackendConnections {
+            active: b.state.active(),
+            connect_attempts: m.connect_attempts.get(),
+            connect_failures: m.connect_failures.get(),
+        },
+        bytes: Bytes {
+            from_clients: m.bytes_from_clients.get(),
+            to_clients: m.bytes_to_clients.get(),
+        },
+    }
+}
+
+pub fn pool_status(pool: &Pool, now_ms: u64) -> PoolStatus {
+    let backends: Vec<BackendStatus> = (0..pool.backends.len())
+        .map(|i| backend_status(pool, i, now_ms))
+        .collect();
+    PoolStatus {
+        name: pool.config.name.clone(),
+        balance: pool.config.balance.name(),
+        backends_total: backends.len(),
+        backends_up: backends.iter().filter(|b| b.state == "up").count(),
+        connect_retries: pool.metrics.retries.get(),
+        backends,
+    }
+}
+
+fn listener_status(route: &Route, control: &Control) -> ListenerStatus {
+    let m = &route.metrics;
+    let running = control.listeners();
+    let info = running.get(&route.config.name);
+    ListenerStatus {
+        name: route.config.name.clone(),
+        protocol: "tcp",
+        bind: route.config.bind.to_string(),
+        local_addr: info.map(|i| i.local.to_string()),
+        sockets: info.map_or(0, |i| i.sockets),
+        pool: route.pool.config.name.clone(),
+        max_connections: route.config.max_connections,
+        idle_timeout_seconds: route.config.idle_timeout.as_secs_f64(),
+        connections: ListenerConnections {
+            active: m.active.get(),
+            accepted: m.accepted.get(),
+            rejected: m.rejected_max_connections.get(),
+            closed: CloseReason::ALL
+                .iter()
+                .map(|r| (r.as_str(), m.closed(*r).get()))
+                .collect(),
+        },
+        bytes: Bytes {
+            from_clients: m.bytes_from_clients.get(),
+            to_clients: m.bytes_to_clients.get(),
+        },
+    }
+}
+
+/// The whole status document, in config order.
+pub fn status(control: &Control, auth_required: bool) -> Status {
+    let snapshot = control.shared.snapshot();
+    let now_ms = clock::now_ms();
+    let reloads = control.reload_status();
+    Status {
+        version: env!("CARGO_PKG_VERSION"),
+        pid: std::process::id(),
+        uptime_seconds: control.uptime().as_secs_f64(),
+        ready: control.is_ready(),
+        config: ConfigStatus {
+            source: snapshot.config.source.clone(),
+            reloads_ok: reloads.ok,
+            reloads_failed: reloads.failed,
+            last_reload_error: reloads.last_error,
+            last_load_unix: reloads.last_success.map(unix_seconds),
+        },
+        admin: AdminStatus { auth_required },
+        listeners: snapshot
+            .config
+            .listeners
+            .iter()
+            .filter_map(|l| snapshot.route(&l.name))
+            .map(|r| listener_status(r, control))
+            .collect(),
+        pools: snapshot
+            .config
+            .pools
+            .iter()
+            .filter_map(|p| snapshot.pools.get(&p.name))
+            .map(|p| pool_status(p, now_ms))
+            .collect(),
+    }
+}

@@ -1,0 +1,412 @@
+//! The running TCP listeners, by name, and how a reload changes them. A listener whose bind
+//! address is unchanged keeps its socket (and its accept queue), even when renamed; new
+//! listeners are bound before anything changes, so a bind failure leaves the running set
+//! as it was; removed listeners stop accepting and close their socket, while connections
+//! they accepted go on. Owns the accept tasks; connections belong to the shared tracker.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::info;
+
+use crate::access_log::AccessLog;
+use crate::config::{Config, ListenerConfig};
+use crate::conn::ListenerCtx;
+use crate::listener::tcp::{self, AcceptLoop};
+use crate::state::Shared;
+
+/// Sockets of one listener, bound but not yet accepting.
+#[derive(Debug)]
+pub struct Bound {
+    pub name: String,
+    /// The address as configured (port 0 stays 0).
+    pub bind: SocketAddr,
+    pub local: SocketAddr,
+    pub sockets: Vec<std::net::TcpListener>,
+}
+
+impl Bound {
+    /// Binds the sockets `config` asks for; the error names the listener.
+    pub fn bind(config: &ListenerConfig) -> anyhow::Result<Bound> {
+        let sockets = tcp::bind_all(config.bind, config.reuse_port, config.accept_tasks)
+            .with_context(|| {
+                format!("listener \"{}\": cannot bind {}", config.name, config.bind)
+            })?;
+        Bound::from_sockets(config, sockets)
+    }
+
+    /// Wraps sockets bound elsewhere (taken over from a previous process).
+    pub fn from_sockets(
+        config: &ListenerConfig,
+        sockets: Vec<std::net::TcpListener>,
+    ) -> anyhow::Result<Bound> {
+        let first = sockets
+            .first()
+            .with_context(|| format!("listener \"{}\": no socket", config.name))?;
+        let local = first
+            .local_addr()
+            .with_context(|| format!("listener \"{}\": local address", config.name))?;
+        Ok(Bound {
+            name: config.name.clone(),
+            bind: config.bind,
+            local,
+            sockets,
+        })
+    }
+}
+
+/// One listener that is accepting.
+struct Running {
+    bind: SocketAddr,
+    local: SocketAddr,
+    max_connections: usize,
+    limit: Arc<Semaphore>,
+    stop: CancellationToken,
+    tasks: Vec<JoinHandle<TcpListener>>,
+    /// Duplicates of the sockets, for handing them to a new process on upgrade.
+    dups: Vec<std::net::TcpListener>,
+}
+
+/// What a listener looks like from outside (status page, tests).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerInfo {
+    pub local: SocketAddr,
+    pub sockets: usize,
+}
+
+/// What [`ListenerSet::apply`] changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Changes {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub kept: Vec<String>,
+}
+
+/// The accepting listeners of one balancer.
+pub struct ListenerSet {
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+    close_all: CancellationToken,
+    access_log: AccessLog,
+    running: HashMap<String, Running>,
+}
+
+impl ListenerSet {
+    pub fn new(
+        shared: Arc<Shared>,
+        tracker: TaskTracker,
+        close_all: CancellationToken,
+        access_log: AccessLog,
+    ) -> ListenerSet {
+        ListenerSet {
+            shared,
+            tracker,
+            close_all,
+            access_log,
+            running: HashMap::new(),
+        }
+    }
+
+    /// Addresses and socket counts by listener name.
+    pub fn info(&self) -> HashMap<String, ListenerInfo> {
+        self.running
+            .iter()
+            .map(|(name, r)| {
+                (
+                    name.clone(),
+                    ListenerInfo {
+                        local: r.local,
+                        sockets: r.dups.len(),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// The listening sockets by listener name and configured bind address (upgrade).
+    pub fn sockets(&self) -> Vec<(String, SocketAddr, Vec<&std::net::TcpListener>)> {
+        self.running
+            .iter()
+            .map(|(name, r)| (name.clone(), r.bind, r.dups.iter().collect()))
+            .collect()
+    }
+
+    /// Starts accepting on `bound` with at most `max_connections` open at once.
+    /// Must run inside the runtime.
+    pub fn start(&mut self, bound: Bound, max_connections: usize) -> anyhow::Result<()> {
+        let mut listeners = Vec::with_capacity(bound.sockets.len());
+        let mut dups = Vec::with_capacity(bound.sockets.len());
+        for socket in bound.sockets {
+            dups.push(
+                socket
+                    .try_clone()
+                    .with_context(|| format!("listener \"{}\": dup socket", bound.name))?,
+            );
+            listeners.push(TcpListener::from_std(socket).with_context(|| {
+                format!("listener \"{}\": register with the runtime", bound.name)
+            })?);
+        }
+        let limit = Arc::new(Semaphore::new(max_connections));
+        self.spawn(
+            &bound.name,
+            bound.bind,
+            bound.local,
+            listeners,
+            dups,
+            limit,
+            max_connections,
+        );
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn spawn(
+        &mut self,
+        name: &str,
+        bind: SocketAddr,
+        local: SocketAddr,
+        listeners: Vec<TcpListener>,
+        dups: Vec<std::net::TcpListener>,
+        limit: Arc<Semaphore>,
+        max_connections: usize,
+    ) {
+        let ctx = Arc::new(ListenerCtx {
+            name: Arc::from(name),
+            shared: Arc::clone(&self.shared),
+            close_all: self.close_all.clone(),
+            access_log: self.access_log.clone(),
+        });
+        let metrics = self.shared.metrics.listener(name);
+        let stop = CancellationToken::new();
+        let tasks = listeners
+            .into_iter()
+            .map(|listener| {
+                tokio::spawn(
+                    AcceptLoop {
+                        listener,
+                        ctx: Arc::clone(&ctx),
+                        metrics: metrics.clone(),
+                        limit: Arc::clone(&limit),
+                        tracker: self.tracker.clone(),
+                        stop: stop.clone(),
+                    }
+                    .run(),
+                )
+            })
+            .collect();
+        info!(listener = %name, bind = %bind, local = %local, "listening");
+        self.running.insert(
+            name.to_string(),
+            Running {
+                bind,
+                local,
+                max_connections,
+                limit,
+                stop,
+                tasks,
+                dups,
+            },
+        );
+    }
+
+    /// Moves the running set to `config`: binds what is new (failing without changing
+    /// anything), then calls `publish` (which swaps the routing snapshot), then starts,
+    /// renames and stops listeners to match.
+    pub async fn apply(
+        &mut self,
+        config: Config,
+        publish: impl FnOnce(Config),
+    ) -> anyhow::Result<Changes> {
+        // 1. Match each listener to a running one: same name and address, else same address.
+        let mut reuse: HashMap<String, String> = HashMap::new(); // new name -> old name
+        let mut claimed: HashSet<String> = HashSet::new();
+        for l in &config.listeners {
+            if self.running.get(&l.name).is_some_and(|r| r.bind == l.bind) {
+                reuse.insert(l.name.clone(), l.name.clone());
+                claimed.insert(l.name.clone());
+            }
+        }
+        for l in &config.listeners {
+            if reuse.contains_key(&l.name) || l.bind.port() == 0 {
+                continue;
+            }
+            let old = self
+                .running
+                .iter()
+                .find(|(n, r)| !claimed.contains(*n) && r.bind == l.bind)
+                .map(|(n, _)| n.clone());
+            if let Some(old) = old {
+                claimed.insert(old.clone());
+                reuse.insert(l.name.clone(), old);
+            }
+        }
+        // 2. Bind the new ones; any failure returns before anything changed.
+        let mut fresh = Vec::new();
+        for l in &config.listeners {
+            if reuse.contains_key(&l.name) {
+                continue;
+            }
+            let bound = Bound::bind(l)?;
+            let mut listeners = Vec::new();
+            let mut dups = Vec::new();
+            for socket in bound.sockets {
+                dups.push(socket.try_clone().context("dup socket")?);
+                listeners.push(TcpListener::from_std(socket).with_context(|| {
+                    format!("listener \"{}\": register with the runtime", l.name)
+                })?);
+            }
+            fresh.push((l.clone(), bound.local, listeners, dups));
+        }
+        // 3. Renamed listeners stop accepting under their old name first (the socket stays
+        //    open; new connections wait in its queue), so nothing is accepted unrouted.
+        let mut moved = Vec::new();
+        for (new, old) in &reuse {
+            if new != old {
+                if let Some(r) = self.running.remove(old) {
+                    let listeners = stop(r.stop, r.tasks).await;
+                    moved.push((
+                        new.clone(),
+                        r.bind,
+                        r.local,
+                        listeners,
+                        r.dups,
+                        r.limit,
+                        r.max_connections,
+                    ));
+                }
+            }
+        }
+        let listeners_by_name: HashMap<String, ListenerConfig> = config
+            .listeners
+            .iter()
+            .map(|l| (l.name.clone(), l.clone()))
+            .collect();
+        let mut changes = Changes::default();
+        publish(config);
+
+        for (name, bind, local, listeners, dups, limit, max) in moved {
+            let want = listeners_by_name
+                .get(&name)
+                .map_or(max, |l| l.max_connections);
+            resize(&limit, max, want);
+            info!(listener = %name, bind = %bind, "listener renamed; socket kept");
+            self.spawn(&name, bind, local, listeners, dups, limit, want);
+            changes.kept.push(name);
+        }
+        for (l, local, listeners, dups) in fresh {
+            let limit = Arc::new(Semaphore::new(l.max_connections));
+            self.spawn(
+                &l.name,
+                l.bind,
+                local,
+                listeners,
+                dups,
+                limit,
+                l.max_connections,
+            );
+            changes.added.push(l.name.clone());
+        }
+        let removed: Vec<String> = self
+            .running
+            .keys()
+            .filter(|n| !listeners_by_name.contains_key(*n))
+            .cloned()
+            .collect();
+        for name in removed {
+            if let Some(r) = self.running.remove(&name) {
+                drop(stop(r.stop, r.tasks).await);
+                info!(listener = %name, bind = %r.bind, "listener removed; socket closed, open connections go on");
+                changes.removed.push(name);
+            }
+        }
+        for (name, r) in &mut self.running {
+            if let Some(l) = listeners_by_name.get(name) {
+                if l.max_connections != r.max_connections {
+                    resize(&r.limit, r.max_connections, l.max_connections);
+                    r.max_connections = l.max_connections;
+                }
+                if reuse.get(name).is_some_and(|old| old == name) {
+                    changes.kept.push(name.clone());
+                }
+            }
+        }
+        changes.added.sort();
+        changes.removed.sort();
+        changes.kept.sort();
+        Ok(changes)
+    }
+
+    /// Stops every listener (shutdown): sockets close, connections go on.
+    pub async fn stop_all(&mut self) {
+        for (_, r) in self.running.drain() {
+            drop(stop(r.stop, r.tasks).await);
+        }
+    }
+}
+
+/// Stops accept tasks and takes their sockets back.
+async fn stop(token: CancellationToken, tasks: Vec<JoinHandle<TcpListener>>) -> Vec<TcpListener> {
+    token.cancel();
+    let mut listeners = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        if let Ok(listener) = task.await {
+            listeners.push(listener);
+        }
+    }
+    listeners
+}
+
+/// Changes a listener's `max_connections` in place: more permits now, or fewer as soon as
+/// enough connections have closed.
+fn resize(limit: &Arc<Semaphore>, old: usize, new: usize) {
+    if new > old {
+        limit.add_permits(new - old);
+    } else if new < old {
+        let want = old - new;
+        let rest = want - limit.forget_permits(want);
+        if rest > 0 {
+            let limit = Arc::clone(limit);
+            let rest = u32::try_from(rest).unwrap_or(u32::MAX);
+            tokio::spawn(async move {
+                if let Ok(permits) = limit.acquire_many_owned(rest).await {
+                    permits.forget();
+                }
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn resize_adds_and_forgets_permits() {
+        let limit = Arc::new(Semaphore::new(4));
+        let held = Arc::clone(&limit)
+            .acquire_many_owned(3)
+            .await
+            .expect("acquire");
+        resize(&limit, 4, 6);
+        assert_eq!(limit.available_permits(), 3);
+        resize(&limit, 6, 2);
+        // 3 free permits forgotten at once; the 4th goes once a held one is released.
+        assert_eq!(limit.available_permits(), 0);
+        drop(held);
+        tokio::task::yield_now().await;
+        for _ in 0..10 {
+            if limit.available_permits() == 2 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(limit.available_permits(), 2);
+    }
+}

@@ -1,0 +1,338 @@
+//! Zero-downtime binary upgrade by handing the listening sockets to the new process.
+//!
+//! The running process serves a unix socket (`admin.upgrade_socket`). A new process started
+//! with `--takeover PATH` connects to it and receives every listening socket (and the admin
+//! socket) as file descriptors (SCM_RIGHTS), with a JSON header naming them. It starts
+//! accepting on those very sockets, then answers `ready`; only then does the old process stop
+//! accepting and drain like on SIGTERM. The sockets never close and their accept queues are
+//! shared, so no connection attempt is refused or reset during the switch.
+//! This module owns the hand-over protocol and the one `unsafe` conversion it needs.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, IoSlice, IoSliceMut, Write};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::config::ListenerConfig;
+use crate::control::Control;
+
+/// Most descriptors sent in one message (the kernel allows 253).
+const FDS_PER_MESSAGE: usize = 200;
+/// How long the old process waits for the new one to say it is ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Header {
+    pid: u32,
+    listeners: Vec<Entry>,
+    admin: Option<Entry>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Entry {
+    name: String,
+    bind: SocketAddr,
+    fds: usize,
+}
+
+/// Sockets received from the previous process, waiting to be claimed by listeners.
+#[derive(Debug)]
+pub struct Takeover {
+    stream: UnixStream,
+    from_pid: u32,
+    listeners: Vec<(String, SocketAddr, Vec<std::net::TcpListener>)>,
+    admin: Option<(SocketAddr, std::net::TcpListener)>,
+}
+
+impl Takeover {
+    /// Connects to a running process's upgrade socket and receives its listening sockets.
+    pub fn connect(path: &Path) -> anyhow::Result<Takeover> {
+        let stream = UnixStream::connect(path)
+            .with_context(|| format!("takeover: cannot connect to {}", path.display()))?;
+        stream.set_read_timeout(Some(READY_TIMEOUT))?;
+        let (header, mut fds) = receive(&stream)?;
+        let mut take = |n: usize| -> anyhow::Result<Vec<std::net::TcpListener>> {
+            if fds.len() < n {
+                bail!("takeover: fewer sockets received than announced");
+            }
+            Ok(fds.drain(..n).map(std::net::TcpListener::from).collect())
+        };
+        let mut listeners = Vec::new();
+        for e in header.listeners {
+            let sockets = take(e.fds)?;
+            listeners.push((e.name, e.bind, sockets));
+        }
+        let admin = match header.admin {
+            Some(e) => take(e.fds)?.pop().map(|s| (e.bind, s)),
+            None => None,
+        };
+        info!(
+            from_pid = header.pid,
+            listeners = listeners.len(),
+            "received listening sockets"
+        );
+        Ok(Takeover {
+            stream,
+            from_pid: header.pid,
+            listeners,
+            admin,
+        })
+    }
+
+    /// The sockets of the old listener with this name and bind address, or else of one with
+    /// the same (non-zero-port) bind address.
+    pub fn take_listener(&mut self, l: &ListenerConfig) -> Option<Vec<std::net::TcpListener>> {
+        let i = self
+            .listeners
+            .iter()
+            .position(|(n, b, _)| *n == l.name && *b == l.bind)
+            .or_else(|| {
+                self.listeners
+                    .iter()
+                    .position(|(_, b, _)| *b == l.bind && l.bind.port() != 0)
+            })?;
+        let (_, _, sockets) = self.listeners.remove(i);
+        for s in &sockets {
+            // Shared with the old process; tokio needs it non-blocking (it already is).
+            let _ = s.set_nonblocking(true);
+        }
+        Some(sockets)
+    }
+
+    /// The old admin socket, when it was bound to the same address.
+    pub fn take_admin(&mut self, bind: SocketAddr) -> Option<std::net::TcpListener> {
+        match self.admin.take() {
+            Some((b, s)) if b == bind => {
+                let _ = s.set_nonblocking(true);
+                Some(s)
+            }
+            other => {
+                self.admin = other;
+                None
+            }
+        }
+    }
+
+    /// Tells the old process that this one accepts; it then stops accepting and drains.
+    fn finish(mut self) -> anyhow::Result<()> {
+        if !self.listeners.is_empty() {
+            let names: Vec<&str> = self.listeners.iter().map(|(n, _, _)| n.as_str()).collect();
+            info!(
+                ?names,
+                "sockets of listeners no longer configured are closed"
+            );
+        }
+        self.stream
+            .write_all(b"ready\n")
+            .context("takeover: tell the old process")?;
+        info!(old_pid = self.from_pid, "took over; the old process drains");
+        Ok(())
+    }
+}
+
+/// Reads the header line and every announced descriptor.
+fn receive(stream: &UnixStream) -> anyhow::Result<(Header, Vec<OwnedFd>)> {
+    let mut data = Vec::new();
+    let mut fds = Vec::new();
+    let mut header: Option<Header> = None;
+    loop {
+        if let Some(h) = &header {
+            let want = h.listeners.iter().map(|e| e.fds).sum::<usize>()
+                + h.admin.as_ref().map_or(0, |e| e.fds);
+            if fds.len() >= want {
+                break;
+            }
+        }
+        let mut buf = [0u8; 64 * 1024];
+        let mut cmsg = nix::cmsg_space!([RawFd; FDS_PER_MESSAGE]);
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let msg = recvmsg::<()>(
+            stream.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .context("takeover: receive sockets")?;
+        let n = msg.bytes;
+        for c in msg.cmsgs().context("takeover: control message")? {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                for fd in raw {
+                    // SAFETY: the kernel has just installed `fd` in this process for this
+                    // message (SCM_RIGHTS); nothing else refers to it, so owning it is sound.
+                    #[allow(unsafe_code)]
+                    fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                }
+            }
+        }
+        if n == 0 {
+            bail!("takeover: the old process closed the connection early");
+        }
+        data.extend_from_slice(&buf[..n]);
+        if header.is_none() {
+            if let Some(end) = data.iter().position(|b| *b == b'\n') {
+                header =
+                    Some(serde_json::from_slice(&data[..end]).context("takeover: bad header")?);
+            }
+        }
+    }
+    header
+        .map(|h| (h, fds))
+        .context("takeover: no header received")
+}
+
+/// Sends the header and the descriptors of every running listener and the admin socket.
+fn send(
+    stream: &UnixStream,
+    listeners: &[(String, SocketAddr, Vec<&std::net::TcpListener>)],
+    admin: Option<&std::net::TcpListener>,
+) -> anyhow::Result<()> {
+    let mut fds: Vec<RawFd> = Vec::new();
+    let mut header = Header {
+        pid: std::process::id(),
+        listeners: Vec::new(),
+        admin: None,
+    };
+    for (name, bind, sockets) in listeners {
+        header.listeners.push(Entry {
+            name: name.clone(),
+            bind: *bind,
+            fds: sockets.len(),
+        });
+        fds.extend(sockets.iter().map(|s| s.as_raw_fd()));
+    }
+    if let Some(a) = admin {
+        header.admin = Some(Entry {
+            name: "admin".into(),
+            bind: a.local_addr()?,
+            fds: 1,
+        });
+        fds.push(a.as_raw_fd());
+    }
+    let mut line = serde_json::to_vec(&header)?;
+    line.push(b'\n');
+    let mut chunks = fds.chunks(FDS_PER_MESSAGE);
+    let first: &[RawFd] = chunks.next().unwrap_or(&[]);
+    send_part(stream, &line, first)?;
+    for chunk in chunks {
+        send_part(stream, b" ", chunk)?;
+    }
+    Ok(())
+}
+
+fn send_part(stream: &UnixStream, bytes: &[u8], fds: &[RawFd]) -> anyhow::Result<()> {
+    let iov = [IoSlice::new(bytes)];
+    let rights = [ControlMessage::ScmRights(fds)];
+    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
+    let sent = sendmsg::<()>(stream.as_raw_fd(), &iov, cmsgs, MsgFlags::empty(), None)
+        .context("takeover: send sockets")?;
+    if sent != bytes.len() {
+        bail!("takeover: short send");
+    }
+    Ok(())
+}
+
+/// The upgrade socket of a running process.
+pub struct Handover {
+    task: JoinHandle<()>,
+    path: PathBuf,
+}
+
+impl Handover {
+    /// Stops serving; removes the socket file unless a new process now owns it.
+    pub fn close(self, handed_over: bool) {
+        self.task.abort();
+        if !handed_over {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Finishes a takeover (the old process starts draining), then serves the upgrade socket
+/// when the config names one. Call once every listener accepts.
+pub fn serve_handover(
+    control: &Arc<Control>,
+    takeover: Option<Takeover>,
+    admin_socket: Option<std::net::TcpListener>,
+) -> anyhow::Result<Option<Handover>> {
+    if let Some(t) = takeover {
+        t.finish()?;
+    }
+    let snapshot = control.shared.snapshot();
+    let Some(path) = snapshot
+        .config
+        .admin
+        .as_ref()
+        .and_then(|a| a.upgrade_socket.clone())
+    else {
+        return Ok(None);
+    };
+    // A previous process's file (it has handed over, or died) is replaced.
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path)
+        .with_context(|| format!("upgrade socket: cannot bind {}", path.display()))?;
+    info!(path = %path.display(), "upgrade socket ready");
+    let control = Arc::clone(control);
+    let admin_socket = admin_socket.map(Arc::new);
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            match hand_over(&control, stream, admin_socket.clone()).await {
+                Ok(()) => {
+                    control.handed_over.cancel();
+                    return;
+                }
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), "takeover by a new process failed; still serving")
+                }
+            }
+        }
+    });
+    Ok(Some(Handover { task, path }))
+}
+
+async fn hand_over(
+    control: &Control,
+    stream: tokio::net::UnixStream,
+    admin: Option<Arc<std::net::TcpListener>>,
+) -> anyhow::Result<()> {
+    let stream = stream.into_std()?;
+    stream.set_nonblocking(false)?;
+    {
+        // Held while sending, so a reload cannot close a socket being sent.
+        let set = control.listeners.lock().await;
+        let listeners = set.sockets();
+        send(&stream, &listeners, admin.as_deref())?;
+        let names: HashMap<&str, usize> = listeners
+            .iter()
+            .map(|(n, _, s)| (n.as_str(), s.len()))
+            .collect();
+        info!(
+            ?names,
+            "listening sockets sent to a new process; waiting for it to accept"
+        );
+    }
+    let line = tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
+        stream.set_read_timeout(Some(READY_TIMEOUT))?;
+        let mut line = String::new();
+        BufReader::new(&stream).read_line(&mut line)?;
+        Ok(line)
+    })
+    .await??;
+    if line.trim() != "ready" {
+        bail!("the new process did not confirm (it said {line:?})");
+    }
+    Ok(())
+}
