@@ -1,11 +1,14 @@
 //! Shared test fixtures: real backends on 127.0.0.1:0 and a balancer started in-process.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod http;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard::config::Config;
+use switchyard::control::Control;
 use switchyard::state::Shared;
 use switchyard::Server;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -86,6 +89,10 @@ pub fn refused_addr() -> SocketAddr {
 /// A balancer running in this process.
 pub struct Balancer {
     pub shared: Arc<Shared>,
+    /// Reload and admin changes (set once the balancer serves).
+    pub control: Arc<Control>,
+    /// The admin server's address, when the config has an `admin` section.
+    pub admin: Option<SocketAddr>,
     addrs: Vec<(String, SocketAddr)>,
     stop: Option<oneshot::Sender<()>>,
     pub task: Option<JoinHandle<anyhow::Result<()>>>,
@@ -94,19 +101,47 @@ pub struct Balancer {
 impl Balancer {
     pub async fn start(yaml: &str) -> Balancer {
         let config = Config::from_yaml(yaml, "test.yaml").unwrap_or_else(|e| panic!("{e}"));
-        let names: Vec<String> = config.listeners.iter().map(|l| l.name.clone()).collect();
-        let server = Server::bind(config).expect("bind");
+        Self::start_server(Server::bind(config).expect("bind")).await
+    }
+
+    /// Starts from a config file, which reloads re-read.
+    pub async fn start_file(path: &std::path::Path) -> Balancer {
+        let config = Config::from_file(path).unwrap_or_else(|e| panic!("{e}"));
+        Self::start_server(Server::bind(config).expect("bind").with_config_path(path)).await
+    }
+
+    async fn start_server(server: Server) -> Balancer {
+        let snapshot = server.shared().snapshot();
+        let names: Vec<String> = snapshot
+            .config
+            .listeners
+            .iter()
+            .map(|l| l.name.clone())
+            .collect();
+        drop(snapshot);
         let addrs = names
             .iter()
             .map(|n| (n.clone(), server.local_addr(n).expect("listener addr")))
             .collect();
         let shared = server.shared();
+        let admin = server.admin_addr();
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.run(async move {
-            let _ = rx.await;
-        }));
+        let (control_tx, control_rx) = oneshot::channel();
+        let task = tokio::spawn(server.run_with(
+            async move {
+                let _ = rx.await;
+            },
+            move |control| {
+                let _ = control_tx.send(control);
+            },
+        ));
+        let control = within("balancer start", control_rx)
+            .await
+            .expect("balancer started");
         Balancer {
             shared,
+            control,
+            admin,
             addrs,
             stop: Some(tx),
             task: Some(task),
@@ -114,10 +149,14 @@ impl Balancer {
     }
 
     pub fn addr(&self, listener: &str) -> SocketAddr {
-        self.addrs
-            .iter()
-            .find(|(n, _)| n == listener)
-            .map(|(_, a)| *a)
+        self.control
+            .local_addr(listener)
+            .or_else(|| {
+                self.addrs
+                    .iter()
+                    .find(|(n, _)| n == listener)
+                    .map(|(_, a)| *a)
+            })
             .expect("listener")
     }
 

@@ -1,0 +1,655 @@
+//! Operations end to end on real sockets: the admin API (status, drain, maint, weight,
+//! token), the metrics exposition checked against `metrics::names`, hot reload of listeners
+//! and pools, and the access log.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::time::Duration;
+
+use common::http::{get, post, request};
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const TOKEN_ENV: &str = "SWITCHYARD_OPS_TEST_TOKEN";
+const TOKEN: &str = "test-token-0123456789abcdef";
+
+fn set_token_env() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    // Rust's own environment accesses are serialized; this runs before any config reads it.
+    ONCE.call_once(|| std::env::set_var(TOKEN_ENV, TOKEN));
+}
+
+/// One listener `l` on port 0, pool `p` of the given backends (by name), admin on port 0.
+fn config(backends: &[(&str, std::net::SocketAddr, u32)], extra: &str) -> String {
+    let mut yaml = format!(
+        "admin:\n  bind: 127.0.0.1:0\n{extra}listeners:\n  - name: l\n    bind: 127.0.0.1:0\n    pool: p\npools:\n  - name: p\n    backends:\n"
+    );
+    for (name, addr, weight) in backends {
+        yaml.push_str(&format!(
+            "      - {{ name: {name}, address: \"{addr}\", weight: {weight} }}\n"
+        ));
+    }
+    yaml
+}
+
+fn write_file(path: &std::path::Path, text: &str) {
+    // Write then rename, so a reload never reads half a file.
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).expect("create");
+    f.write_all(text.as_bytes()).expect("write");
+    drop(f);
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
+/// Polls a condition every 10 ms, for at most [`LIMIT`].
+async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    within(what, async {
+        while !f() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+}
+
+fn backend<'a>(status: &'a serde_json::Value, pool: &str, name: &str) -> &'a serde_json::Value {
+    status["pools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == pool)
+        .and_then(|p| {
+            p["backends"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|b| b["name"] == name)
+        })
+        .unwrap_or_else(|| panic!("no backend {pool}/{name} in {status}"))
+}
+
+/// Sample value of `name{labels...}` in a text exposition.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .find(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn health_ready_status_and_page_are_served() {
+    let a = Backend::start("a").await;
+    let lb = Balancer::start(&config(&[("a", a.addr, 1)], "")).await;
+    let admin = lb.admin.expect("admin address");
+    assert_eq!(backend_of(lb.addr("l")).await, "a");
+
+    let r = get(admin, "/healthz").await;
+    assert_eq!((r.status, r.body.as_str()), (200, "ok\n"));
+    let r = get(admin, "/readyz").await;
+    assert_eq!((r.status, r.body.as_str()), (200, "ready\n"));
+
+    let s = get(admin, "/api/v1/status").await.json();
+    assert_eq!(s["ready"], true);
+    assert_eq!(s["admin"]["auth_required"], false);
+    let l = &s["listeners"][0];
+    assert_eq!(l["name"], "l");
+    assert_eq!(l["protocol"], "tcp");
+    assert_eq!(l["local_addr"], lb.addr("l").to_string());
+    assert_eq!(l["connections"]["accepted"], 1);
+    let b = backend(&s, "p", "a");
+    assert_eq!(b["address"], a.addr.to_string());
+    assert_eq!(b["state"], "up");
+    assert_eq!(b["admin_state"], "ready");
+    assert_eq!(b["health"]["state"], "up");
+    assert!(b["health"]["reason"].is_null());
+    assert!(b["health"].get("last_check").is_some());
+    assert_eq!(b["connections"]["connect_attempts"], 1);
+
+    let page = get(admin, "/").await;
+    assert_eq!(page.status, 200);
+    assert!(page
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/html"));
+    assert!(page.body.contains("/api/v1/status"));
+    for external in ["src=\"http", "href=\"http", "url(http", "@import"] {
+        assert!(!page.body.contains(external), "external asset: {external}");
+    }
+    assert_eq!(get(admin, "/nope").await.status, 404);
+}
+
+#[tokio::test]
+async fn metrics_export_exactly_the_names_in_metrics_rs() {
+    let a = Backend::start("a").await;
+    let lb = Balancer::start(&config(&[("a", a.addr, 1)], "")).await;
+    let admin = lb.admin.unwrap();
+    let mut s = TcpStream::connect(lb.addr("l")).await.unwrap();
+    let (name, mut reader) = greet(s).await;
+    assert_eq!(name, "a");
+    reader.get_mut().write_all(b"hello").await.unwrap();
+    let mut buf = [0u8; 5];
+    reader.read_exact(&mut buf).await.unwrap();
+    s = reader.into_inner();
+
+    let r = get(admin, "/metrics").await;
+    assert_eq!(r.status, 200);
+    assert!(r.header("content-type").unwrap().starts_with("text/plain"));
+    let text = r.body;
+    let mut exported = BTreeSet::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut parts = rest.split_whitespace();
+            let (name, kind) = (parts.next().unwrap(), parts.next().unwrap());
+            if kind == "counter" {
+                assert!(
+                    name.ends_with("_total"),
+                    "counter {name} must end in _total"
+                );
+            }
+            if name.contains("duration") {
+                assert!(name.ends_with("_seconds"), "{name} must be in seconds");
+            }
+            exported.insert(name.to_string());
+        }
+    }
+    let known: BTreeSet<String> = switchyard::metrics::names::ALL
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(
+        exported, known,
+        "exported families differ from metrics::names::ALL"
+    );
+    let ab = [("pool", "p"), ("backend", "a")];
+    assert_eq!(
+        sample(&text, "switchyard_backend_connections_active", &ab),
+        Some(1.0)
+    );
+    assert_eq!(sample(&text, "switchyard_backend_up", &ab), Some(1.0));
+    assert_eq!(
+        sample(
+            &text,
+            "switchyard_backend_state",
+            &[("pool", "p"), ("backend", "a"), ("state", "up")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "switchyard_backend_state",
+            &[("pool", "p"), ("backend", "a"), ("state", "drain")]
+        ),
+        Some(0.0)
+    );
+    assert_eq!(sample(&text, "switchyard_backend_weight", &ab), Some(1.0));
+    assert_eq!(
+        sample(&text, "switchyard_backend_bytes_from_clients_total", &ab),
+        Some(5.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "switchyard_listener_connections_active",
+            &[("listener", "l")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(sample(&text, "switchyard_ready", &[]), Some(1.0));
+    assert!(sample(&text, "process_resident_memory_bytes", &[]).unwrap() > 0.0);
+    assert!(sample(&text, "process_open_fds", &[]).unwrap() > 0.0);
+    drop(s);
+}
+
+#[tokio::test]
+async fn drain_keeps_open_connections_and_sends_new_ones_elsewhere() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let lb = Balancer::start(&config(&[("a", a.addr, 1), ("b", b.addr, 1)], "")).await;
+    let admin = lb.admin.unwrap();
+    let addr = lb.addr("l");
+    let (first, mut held) = greet(TcpStream::connect(addr).await.unwrap()).await;
+    assert_eq!(first, "a", "round robin starts with a");
+
+    let r = post(
+        admin,
+        "/api/v1/pools/p/backends/a/state",
+        None,
+        r#"{"state":"drain"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["state"], "drain");
+
+    for _ in 0..4 {
+        assert_eq!(backend_of(addr).await, "b", "a drained backend takes none");
+    }
+    // The open connection to a still works both ways.
+    held.get_mut().write_all(b"still here").await.unwrap();
+    let mut buf = [0u8; 10];
+    within("echo", held.read_exact(&mut buf)).await.unwrap();
+    assert_eq!(&buf, b"still here");
+    let s = get(admin, "/api/v1/status").await.json();
+    assert_eq!(backend(&s, "p", "a")["state"], "drain");
+    assert_eq!(backend(&s, "p", "a")["connections"]["active"], 1);
+    let m = get(admin, "/metrics").await.body;
+    assert_eq!(
+        sample(
+            &m,
+            "switchyard_backend_state",
+            &[("pool", "p"), ("backend", "a"), ("state", "drain")]
+        ),
+        Some(1.0)
+    );
+
+    let r = post(
+        admin,
+        "/api/v1/pools/p/backends/a/state",
+        None,
+        r#"{"state":"ready"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let names: Vec<String> = {
+        let mut v = Vec::new();
+        for _ in 0..4 {
+            v.push(backend_of(addr).await);
+        }
+        v
+    };
+    assert!(names.iter().any(|n| n == "a"), "ready again: {names:?}");
+}
+
+#[tokio::test]
+async fn maint_closes_open_connections_with_reason_maint() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let lb = Balancer::start(&config(&[("a", a.addr, 1), ("b", b.addr, 1)], "")).await;
+    let admin = lb.admin.unwrap();
+    let addr = lb.addr("l");
+    let (first, mut to_a) = greet(TcpStream::connect(addr).await.unwrap()).await;
+    assert_eq!(first, "a");
+    let (second, mut to_b) = greet(TcpStream::connect(addr).await.unwrap()).await;
+    assert_eq!(second, "b");
+
+    let r = post(
+        admin,
+        "/api/v1/pools/p/backends/a/state",
+        None,
+        r#"{"state":"maint"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // The connection to a is closed by the balancer; the one to b is untouched.
+    let rest = read_to_end(&mut to_a).await;
+    assert!(rest.is_empty());
+    to_b.get_mut().write_all(b"ok?").await.unwrap();
+    let mut buf = [0u8; 3];
+    within("echo", to_b.read_exact(&mut buf)).await.unwrap();
+    assert_eq!(&buf, b"ok?");
+    wait_for("maint close counted", || {
+        lb.counter(
+            "switchyard_listener_connections_closed_total",
+            &[("reason", "maint")],
+        ) == 1
+    })
+    .await;
+    for _ in 0..3 {
+        assert_eq!(backend_of(addr).await, "b");
+    }
+    let s = get(admin, "/api/v1/status").await.json();
+    assert_eq!(backend(&s, "p", "a")["state"], "maint");
+    assert_eq!(backend(&s, "p", "a")["admin_state"], "maint");
+}
+
+#[tokio::test]
+async fn weight_and_state_set_through_the_api_survive_a_reload() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let c = Backend::start("c").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("switchyard.yaml");
+    write_file(
+        &path,
+        &config(&[("a", a.addr, 1), ("b", b.addr, 1), ("c", c.addr, 1)], ""),
+    );
+    let lb = Balancer::start_file(&path).await;
+    let admin = lb.admin.unwrap();
+    let addr = lb.addr("l");
+
+    let r = post(
+        admin,
+        "/api/v1/pools/p/backends/a/weight",
+        None,
+        r#"{"weight":0}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["weight"], 0);
+    assert_eq!(r.json()["configured_weight"], 1);
+    let r = post(
+        admin,
+        "/api/v1/pools/p/backends/c/state",
+        None,
+        r#"{"state":"drain"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    for _ in 0..4 {
+        assert_eq!(backend_of(addr).await, "b");
+    }
+
+    // A reload with a changed config (b's weight) keeps both operator settings.
+    write_file(
+        &path,
+        &config(&[("a", a.addr, 1), ("b", b.addr, 2), ("c", c.addr, 1)], ""),
+    );
+    let r = post(admin, "/api/v1/reload", None, "{}").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let s = get(admin, "/api/v1/status").await.json();
+    assert_eq!(backend(&s, "p", "a")["weight"], 0);
+    assert_eq!(backend(&s, "p", "a")["weight_overridden"], true);
+    assert_eq!(backend(&s, "p", "b")["weight"], 2);
+    assert_eq!(backend(&s, "p", "c")["state"], "drain");
+    for _ in 0..4 {
+        assert_eq!(backend_of(addr).await, "b");
+    }
+
+    // null returns to the config's weight.
+    let r = post(
+        admin,
+        "/api/v1/pools/p/backends/a/weight",
+        None,
+        r#"{"weight":null}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["weight"], 1);
+    assert_eq!(r.json()["weight_overridden"], false);
+    let mut seen = BTreeSet::new();
+    for _ in 0..6 {
+        seen.insert(backend_of(addr).await);
+    }
+    assert!(seen.contains("a"), "{seen:?}");
+
+    // Bad requests.
+    let r = post(
+        admin,
+        "/api/v1/pools/p/backends/a/weight",
+        None,
+        r#"{"weight":999}"#,
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert!(r.json()["error"].as_str().unwrap().contains("out of range"));
+    let r = post(
+        admin,
+        "/api/v1/pools/p/backends/zz/state",
+        None,
+        r#"{"state":"drain"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 404);
+    let r = post(
+        admin,
+        "/api/v1/pools/p/backends/a/state",
+        None,
+        r#"{"state":"sleep"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert!(r.json()["error"]
+        .as_str()
+        .unwrap()
+        .contains("expected one of ready, drain, maint"));
+    let r = post(admin, "/api/v1/pools/p/backends/a/state", None, "{").await;
+    assert_eq!(r.status, 400);
+}
+
+#[tokio::test]
+async fn changes_need_the_token_when_one_is_configured() {
+    set_token_env();
+    let a = Backend::start("a").await;
+    let lb = Balancer::start(&config(
+        &[("a", a.addr, 1)],
+        &format!("  token_env: {TOKEN_ENV}\n"),
+    ))
+    .await;
+    let admin = lb.admin.unwrap();
+    let path = "/api/v1/pools/p/backends/a/state";
+    let body = r#"{"state":"drain"}"#;
+
+    let r = post(admin, path, None, body).await;
+    assert_eq!(r.status, 401);
+    assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+    let r = post(admin, path, Some("test-token-0123456789abcdeX"), body).await;
+    assert_eq!(r.status, 401);
+    let r = post(admin, path, Some("short"), body).await;
+    assert_eq!(r.status, 401);
+    assert_eq!(
+        lb.counter("switchyard_admin_auth_failures_total", &[]),
+        3,
+        "refusals are counted"
+    );
+    let s = get(admin, "/api/v1/status").await.json();
+    assert_eq!(s["admin"]["auth_required"], true);
+    assert_eq!(backend(&s, "p", "a")["admin_state"], "ready");
+
+    let r = post(admin, path, Some(TOKEN), body).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["admin_state"], "drain");
+    // A form post (no JSON content type) is refused even with the token.
+    let auth = format!("Bearer {TOKEN}");
+    let r = request(
+        admin,
+        "POST",
+        path,
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+        ],
+        "state=ready",
+    )
+    .await;
+    assert_eq!(r.status, 415);
+    // Reads need no token.
+    assert_eq!(get(admin, "/metrics").await.status, 200);
+    // The token never shows in the config's Debug output.
+    let debug = format!("{:?}", lb.shared.snapshot().config);
+    assert!(!debug.contains(TOKEN), "token leaked in Debug");
+}
+
+#[tokio::test]
+async fn invalid_reload_is_rejected_with_its_location_and_the_running_config_stays() {
+    let a = Backend::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("switchyard.yaml");
+    let good = config(&[("a", a.addr, 1)], "");
+    write_file(&path, &good);
+    let lb = Balancer::start_file(&path).await;
+    let admin = lb.admin.unwrap();
+    let addr = lb.addr("l");
+    let (_, mut held) = greet(TcpStream::connect(addr).await.unwrap()).await;
+
+    write_file(
+        &path,
+        &good.replace(
+            "pools:\n",
+            "pools:\n  - name: p\n    balance: leastconn\n    backends: [{address: 127.0.0.1:1}]\n",
+        ),
+    );
+    let r = post(admin, "/api/v1/reload", None, "").await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    let message = r.json()["error"].as_str().unwrap().to_string();
+    assert!(
+        message.starts_with(&format!("{}:", path.display())),
+        "{message}"
+    );
+    assert!(
+        message.contains(":9:14: pools[0].balance: unknown value \"leastconn\""),
+        "{message}"
+    );
+    assert_eq!(
+        lb.counter("switchyard_config_reloads_total", &[("result", "error")]),
+        1
+    );
+    let s = get(admin, "/api/v1/status").await.json();
+    assert_eq!(s["config"]["reloads_failed"], 1);
+    assert_eq!(s["config"]["last_reload_error"], message.as_str());
+    // Still serving with the old config, old connection intact.
+    assert_eq!(backend_of(addr).await, "a");
+    held.get_mut().write_all(b"x").await.unwrap();
+    let mut buf = [0u8; 1];
+    within("echo", held.read_exact(&mut buf)).await.unwrap();
+
+    // A missing file is an error too.
+    std::fs::remove_file(&path).unwrap();
+    let r = post(admin, "/api/v1/reload", None, "{}").await;
+    assert_eq!(r.status, 400);
+    assert!(r.json()["error"].as_str().unwrap().contains("cannot read"));
+}
+
+#[tokio::test]
+async fn reload_adds_removes_and_renames_listeners_without_cutting_connections() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("switchyard.yaml");
+    // A free port for the listener that is renamed (its address must stay the same).
+    let fixed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let v1 = format!(
+        "listeners:\n  - {{ name: one, bind: \"{fixed}\", pool: pa }}\n  - {{ name: two, bind: 127.0.0.1:0, pool: pa }}\npools:\n  - name: pa\n    backends: [{{ name: a, address: \"{}\" }}]\n  - name: pb\n    backends: [{{ name: b, address: \"{}\" }}]\n",
+        a.addr, b.addr
+    );
+    write_file(&path, &v1);
+    let lb = Balancer::start_file(&path).await;
+    let two = lb.addr("two");
+    let (_, mut via_one) = greet(TcpStream::connect(fixed).await.unwrap()).await;
+    let (_, mut via_two) = greet(TcpStream::connect(two).await.unwrap()).await;
+
+    // one -> renamed "uno" on the same address and now routed to pool pb; two removed;
+    // three added.
+    let v2 = format!(
+        "listeners:\n  - {{ name: uno, bind: \"{fixed}\", pool: pb }}\n  - {{ name: three, bind: 127.0.0.1:0, pool: pa }}\npools:\n  - name: pa\n    backends: [{{ name: a, address: \"{}\" }}]\n  - name: pb\n    backends: [{{ name: b, address: \"{}\" }}]\n",
+        a.addr, b.addr
+    );
+    write_file(&path, &v2);
+    let changes = lb.control.reload().await.expect("reload");
+    assert_eq!(changes.added, vec!["three".to_string()]);
+    assert_eq!(changes.removed, vec!["two".to_string()]);
+    assert_eq!(changes.kept, vec!["uno".to_string()]);
+
+    assert_eq!(lb.control.local_addr("uno"), Some(fixed));
+    assert_eq!(
+        backend_of(fixed).await,
+        "b",
+        "renamed listener uses its new pool"
+    );
+    assert_eq!(backend_of(lb.addr("three")).await, "a");
+    assert!(
+        TcpStream::connect(two).await.is_err(),
+        "a removed listener's socket is closed"
+    );
+    // Connections accepted before the reload go on, on both the kept and the removed one.
+    for held in [&mut via_one, &mut via_two] {
+        held.get_mut().write_all(b"after").await.unwrap();
+        let mut buf = [0u8; 5];
+        within("echo", held.read_exact(&mut buf)).await.unwrap();
+        assert_eq!(&buf, b"after");
+    }
+    let s = lb.control.reload_status();
+    assert_eq!((s.ok, s.failed), (1, 0));
+}
+
+#[tokio::test]
+async fn access_log_writes_one_record_per_connection() {
+    let a = Backend::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    for (format, check) in [("json", true), ("text", false)] {
+        let log = dir.path().join(format!("access-{format}.log"));
+        let mut lb = Balancer::start(&config(
+            &[("a", a.addr, 1)],
+            &format!(
+                "access_log:\n  path: {}\n  format: {format}\n",
+                log.display()
+            ),
+        ))
+        .await;
+        for i in 0..3u8 {
+            let (_, mut s) = greet(TcpStream::connect(lb.addr("l")).await.unwrap()).await;
+            s.get_mut()
+                .write_all(&vec![i; 10 + i as usize])
+                .await
+                .unwrap();
+            s.get_mut().shutdown().await.unwrap();
+            read_to_end(&mut s).await;
+        }
+        wait_for("connections closed", || {
+            lb.counter("switchyard_listener_connections_closed_total", &[]) == 3
+        })
+        .await;
+        lb.begin_shutdown();
+        lb.finished().await;
+        let text = std::fs::read_to_string(&log).expect("access log");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        if check {
+            let r: serde_json::Value = serde_json::from_str(lines[2]).unwrap();
+            assert_eq!(r["listener"], "l");
+            assert_eq!(r["pool"], "p");
+            assert_eq!(r["backend"], "a");
+            assert_eq!(r["backend_address"], a.addr.to_string());
+            assert_eq!(r["bytes_from_client"], 12);
+            assert_eq!(r["bytes_to_client"], 2 + 12);
+            assert_eq!(r["reason"], "client_closed");
+            assert!(r["client"].as_str().unwrap().starts_with("127.0.0.1:"));
+            assert!(r["sni"].is_null());
+        } else {
+            assert!(lines[0].starts_with("time="), "{}", lines[0]);
+            assert!(
+                lines[0].contains(" listener=l client=127.0.0.1:"),
+                "{}",
+                lines[0]
+            );
+            assert!(
+                lines[0].contains(" bytes_from_client=10 bytes_to_client=12 "),
+                "{}",
+                lines[0]
+            );
+        }
+        assert_eq!(lb.counter("switchyard_access_log_records_total", &[]), 3);
+        assert_eq!(lb.counter("switchyard_access_log_dropped_total", &[]), 0);
+    }
+}
+
+#[tokio::test]
+async fn readyz_is_unavailable_once_shutdown_begins() {
+    let a = Backend::start("a").await;
+    let mut lb = Balancer::start(&format!(
+        "global:\n  shutdown_grace: 30s\n{}",
+        config(&[("a", a.addr, 1)], "")
+    ))
+    .await;
+    let admin = lb.admin.unwrap();
+    let (_, held) = greet(TcpStream::connect(lb.addr("l")).await.unwrap()).await;
+    lb.begin_shutdown();
+    wait_for("not ready", || !lb.control.is_ready()).await;
+    // The admin server still answers while connections drain.
+    let r = get(admin, "/readyz").await;
+    assert_eq!((r.status, r.body.as_str()), (503, "not ready\n"));
+    assert_eq!(get(admin, "/healthz").await.status, 200);
+    drop(held);
+    lb.finished().await;
+}
