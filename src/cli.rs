@@ -113,6 +113,24 @@ pub fn summary(config: &Config) -> String {
             let _ = writeln!(out, "    {}{} weight {}", b.address, name, b.weight);
         }
     }
+    if let Some(a) = &config.admin {
+        let _ = writeln!(
+            out,
+            "admin: http://{} ({})",
+            a.bind,
+            match &a.token_env {
+                Some(var) => format!("token from ${var}"),
+                None => "no token".to_string(),
+            }
+        );
+    }
+    if let Some(a) = &config.access_log {
+        let target = match &a.target {
+            config::AccessLogTarget::Stdout => "stdout".to_string(),
+            config::AccessLogTarget::File(p) => p.display().to_string(),
+        };
+        let _ = writeln!(out, "access log: {target} ({:?})", a.format);
+    }
     for unused in config::unused_pools(config) {
         let _ = writeln!(out, "note: pool \"{unused}\" is not used by any listener");
     }

@@ -1,0 +1,261 @@
+//! The binary as operators run it: SIGHUP reloads the config file, and a zero-downtime
+//! binary upgrade hands the listening sockets to a new process (`--takeover`) while clients
+//! keep connecting: not one connection attempt fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::http::get;
+use common::*;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A port that was free a moment ago (the processes under test need a known address).
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn spawn(config: &Path, log: &Path, extra: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .arg("run")
+        .arg("-c")
+        .arg(config)
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .expect("start switchyard")
+}
+
+fn signal(child: &Child, sig: Signal) {
+    kill(Pid::from_raw(child.id() as i32), sig).expect("signal");
+}
+
+/// Waits (bounded) for the child to exit; returns its exit code.
+async fn exited(child: &mut Child) -> Option<i32> {
+    within("process exit", async {
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.code();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
+
+async fn ready(admin: SocketAddr, log: &Path) {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        if let Ok(mut s) = TcpStream::connect(admin).await {
+            let _ = s
+                .write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await;
+            let mut out = Vec::new();
+            let _ = s.read_to_end(&mut out).await;
+            if out.starts_with(b"HTTP/1.1 200") {
+                return;
+            }
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "switchyard not ready; its log:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Greeting plus one echo through `addr`.
+async fn one_connection(addr: SocketAddr) -> Result<(), String> {
+    let s = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let (name, mut s) = greet(s).await;
+    if name != "a" {
+        return Err(format!("greeting {name:?}"));
+    }
+    s.get_mut()
+        .write_all(b"ping")
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf)
+        .await
+        .map_err(|e| format!("read: {e}"))?;
+    if &buf != b"ping" {
+        return Err("echo differs".into());
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_upgrade_by_socket_takeover_drops_no_connection_attempt() {
+    let backend = Backend::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (listen, admin) = (free_addr(), free_addr());
+    let socket = dir.path().join("upgrade.sock");
+    let config = dir.path().join("switchyard.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "admin:\n  bind: \"{admin}\"\n  upgrade_socket: {}\nlisteners:\n  - {{ name: app, bind: \"{listen}\", pool: app, reuse_port: true, accept_tasks: 2 }}\npools:\n  - name: app\n    backends: [{{ address: \"{}\" }}]\n",
+            socket.display(),
+            backend.addr
+        ),
+    )
+    .unwrap();
+    let (old_log, new_log) = (dir.path().join("old.log"), dir.path().join("new.log"));
+    let mut old = spawn(&config, &old_log, &[]);
+    ready(admin, &old_log).await;
+    let old_pid = get(admin, "/api/v1/status").await.json()["pid"].clone();
+    assert_eq!(old_pid, old.id());
+
+    // Four clients connect in a loop through the whole switch, bounded in count and time.
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (stop, ok, failed) = (Arc::clone(&stop), Arc::clone(&ok), Arc::clone(&failed));
+        clients.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed)
+                && n < 5_000
+                && started.elapsed() < Duration::from_secs(40)
+            {
+                n += 1;
+                match one_connection(listen).await {
+                    Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        eprintln!("connection attempt failed: {e}");
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        }));
+    }
+    let wait_ok = |at_least: u64| {
+        let ok = Arc::clone(&ok);
+        async move {
+            within("client progress", async {
+                while ok.load(Ordering::Relaxed) < at_least {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+            .await
+        }
+    };
+    wait_ok(200).await;
+
+    // The new binary takes the sockets over; the old one drains and exits on its own.
+    let mut new = spawn(&config, &new_log, &["--takeover", socket.to_str().unwrap()]);
+    let code = exited(&mut old).await;
+    assert_eq!(
+        code,
+        Some(0),
+        "old process log:\n{}",
+        std::fs::read_to_string(&old_log).unwrap_or_default()
+    );
+    let after_switch = ok.load(Ordering::Relaxed);
+    wait_ok(after_switch + 300).await;
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        within("client", c).await.unwrap();
+    }
+
+    let status = get(admin, "/api/v1/status").await.json();
+    assert_eq!(status["pid"], new.id(), "the admin socket moved too");
+    let old_text = std::fs::read_to_string(&old_log).unwrap();
+    assert!(
+        old_text.contains("a new process took over the listeners"),
+        "{old_text}"
+    );
+    let total_ok = ok.load(Ordering::Relaxed);
+    let total_failed = failed.load(Ordering::Relaxed);
+    eprintln!(
+        "binary upgrade: {total_ok} connections ({after_switch} before the old process exited), {total_failed} failed"
+    );
+    assert_eq!(total_failed, 0, "no connection attempt failed");
+    // The new process can be upgraded again: it serves the upgrade socket itself.
+    assert!(socket.exists());
+    signal(&new, Signal::SIGTERM);
+    assert_eq!(exited(&mut new).await, Some(0));
+    assert!(!socket.exists(), "a normal stop removes the upgrade socket");
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_config_file_and_a_bad_file_changes_nothing() {
+    let backend = Backend::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (first, second, admin) = (free_addr(), free_addr(), free_addr());
+    let config = dir.path().join("switchyard.yaml");
+    let listener = |name: &str, addr: SocketAddr| {
+        format!("  - {{ name: {name}, bind: \"{addr}\", pool: app }}\n")
+    };
+    let pools = format!(
+        "pools:\n  - name: app\n    backends: [{{ address: \"{}\" }}]\n",
+        backend.addr
+    );
+    let head = format!("admin:\n  bind: \"{admin}\"\nlisteners:\n");
+    std::fs::write(&config, format!("{head}{}{pools}", listener("one", first))).unwrap();
+    let log = dir.path().join("switchyard.log");
+    let mut child = spawn(&config, &log, &[]);
+    ready(admin, &log).await;
+    one_connection(first).await.unwrap();
+    assert!(TcpStream::connect(second).await.is_err());
+
+    std::fs::write(
+        &config,
+        format!(
+            "{head}{}{}{pools}",
+            listener("one", first),
+            listener("two", second)
+        ),
+    )
+    .unwrap();
+    signal(&child, Signal::SIGHUP);
+    within("second listener", async {
+        while one_connection(second).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    one_connection(first).await.unwrap();
+
+    std::fs::write(&config, "listeners: [").unwrap();
+    signal(&child, Signal::SIGHUP);
+    within("rejected reload", async {
+        loop {
+            let s = get(admin, "/api/v1/status").await.json();
+            if s["config"]["reloads_failed"] == 1 {
+                assert_eq!(s["config"]["reloads_ok"], 1);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    one_connection(first).await.unwrap();
+    one_connection(second).await.unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("config reload rejected"), "{text}");
+
+    signal(&child, Signal::SIGTERM);
+    assert_eq!(exited(&mut child).await, Some(0));
+}
