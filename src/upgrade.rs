@@ -336,3 +336,50 @@ async fn hand_over(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sockets_and_header_cross_a_unix_socket_in_several_messages() {
+        let (a, b) = UnixStream::pair().expect("pair");
+        // More sockets than one message carries, to exercise the chunking.
+        let sockets: Vec<std::net::TcpListener> = (0..FDS_PER_MESSAGE + 10)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+            .collect();
+        let admin = std::net::TcpListener::bind("127.0.0.1:0").expect("bind admin");
+        let bind: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        let listeners = vec![
+            ("one".to_string(), bind, sockets[..3].iter().collect()),
+            ("many".to_string(), bind, sockets[3..].iter().collect()),
+        ];
+        let (header, fds) = std::thread::scope(|scope| {
+            scope.spawn(|| send(&a, &listeners, Some(&admin)).expect("send"));
+            receive(&b).expect("receive")
+        });
+        assert_eq!(header.pid, std::process::id());
+        assert_eq!(header.listeners.len(), 2);
+        assert_eq!(header.listeners[0].name, "one");
+        assert_eq!(header.listeners[0].fds, 3);
+        assert_eq!(header.listeners[1].fds, FDS_PER_MESSAGE + 7);
+        assert_eq!(fds.len(), FDS_PER_MESSAGE + 11);
+        // Each received descriptor is the same socket as the one sent, in order.
+        let received: Vec<std::net::TcpListener> =
+            fds.into_iter().map(std::net::TcpListener::from).collect();
+        for (sent, got) in sockets.iter().zip(&received) {
+            assert_eq!(
+                sent.local_addr().expect("addr"),
+                got.local_addr().expect("addr")
+            );
+        }
+        assert_eq!(
+            received.last().expect("admin").local_addr().expect("addr"),
+            admin.local_addr().expect("addr")
+        );
+        assert_eq!(
+            header.admin.expect("admin entry").bind,
+            admin.local_addr().expect("addr")
+        );
+    }
+}

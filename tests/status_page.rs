@@ -173,6 +173,47 @@ async fn status_page_renders_in_headless_chromium() {
         dom.contains("updated "),
         "the page fetched the status:\n{dom}"
     );
+    // With a token required, the page asks for it and keeps the buttons off until then.
+    std::env::set_var("SWITCHYARD_PAGE_TEST_TOKEN", "page-test-token-0123456789");
+    let locked = Balancer::start(&format!(
+        "admin:\n  bind: 127.0.0.1:0\n  token_env: SWITCHYARD_PAGE_TEST_TOKEN\nlisteners:\n  - {{ name: l, bind: 127.0.0.1:0, pool: p }}\npools:\n  - name: p\n    backends: [{{ name: only, address: \"{}\" }}]\n",
+        backends[0].addr
+    ))
+    .await;
+    let url = format!("http://{}/", locked.admin.unwrap());
+    let browser = chromium().unwrap();
+    let locked_shot = shot.with_file_name("status-page-token.png");
+    let profile = tempfile::tempdir().unwrap();
+    let locked_dom = tokio::task::spawn_blocking({
+        let locked_shot = locked_shot.clone();
+        move || {
+            run_chromium(
+                &browser,
+                profile.path(),
+                &[
+                    "--virtual-time-budget=5000",
+                    "--window-size=1280,520",
+                    &format!("--screenshot={}", locked_shot.display()),
+                ],
+                &url,
+            );
+            run_chromium(
+                &browser,
+                profile.path(),
+                &["--virtual-time-budget=5000", "--dump-dom"],
+                &url,
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        locked_dom.contains("placeholder=\"admin token\""),
+        "{locked_dom}"
+    );
+    assert!(locked_dom.contains("Enter the admin token to change state"));
+    assert!(std::fs::metadata(&locked_shot).is_ok());
+
     let png = std::fs::read(&shot).expect("screenshot written");
     assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
     assert!(png.len() > 10_000, "screenshot has content");

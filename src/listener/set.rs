@@ -14,7 +14,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::access_log::AccessLog;
 use crate::config::{Config, ListenerConfig};
@@ -328,6 +328,14 @@ impl ListenerSet {
         }
         for (name, r) in &mut self.running {
             if let Some(l) = listeners_by_name.get(name) {
+                if l.accept_tasks != r.dups.len() {
+                    warn!(
+                        listener = %name,
+                        running = r.dups.len(),
+                        configured = l.accept_tasks,
+                        "the listener keeps its sockets; reuse_port/accept_tasks changes take effect on restart"
+                    );
+                }
                 if l.max_connections != r.max_connections {
                     resize(&r.limit, r.max_connections, l.max_connections);
                     r.max_connections = l.max_connections;
