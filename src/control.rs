@@ -25,6 +25,8 @@ use crate::state::Shared;
 pub enum ReloadError {
     #[error("no config file to reload (the balancer was started without -c FILE)")]
     NoConfigFile,
+    #[error("the balancer is shutting down")]
+    ShuttingDown,
     #[error("{0}")]
     Invalid(#[from] ConfigError),
     #[error("{0:#}")]
@@ -56,6 +58,8 @@ pub struct Control {
     pub(crate) listeners: tokio::sync::Mutex<ListenerSet>,
     addrs: ArcSwap<HashMap<String, ListenerInfo>>,
     ready: AtomicBool,
+    /// Set once shutdown (or a hand-over) begins: reloads no longer bind anything.
+    stopping: AtomicBool,
     started: Instant,
     reloads: Mutex<ReloadStatus>,
     pub access_log: AccessLog,
@@ -90,6 +94,7 @@ impl Control {
             listeners: tokio::sync::Mutex::new(listeners),
             addrs: ArcSwap::from_pointee(HashMap::new()),
             ready: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             started: Instant::now(),
             reloads: Mutex::new(ReloadStatus {
                 last_success: Some(SystemTime::now()),
@@ -107,6 +112,12 @@ impl Control {
     /// Whether every listener is bound and serving (and the balancer is not stopping).
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Marks the balancer as stopping: not ready, and reloads are refused.
+    pub(crate) fn begin_stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.set_ready(false);
     }
 
     pub(crate) fn set_ready(&self, ready: bool) {
@@ -175,8 +186,15 @@ impl Control {
     }
 
     async fn try_reload(&self) -> Result<Changes, ReloadError> {
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err(ReloadError::ShuttingDown);
+        }
         let path = self.config_path.as_ref().ok_or(ReloadError::NoConfigFile)?;
         let mut set = self.listeners.lock().await;
+        // Checked again under the lock: shutdown may have begun while waiting for it.
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err(ReloadError::ShuttingDown);
+        }
         let config = Config::from_file(path)?;
         let current = self.shared.snapshot();
         if config.admin != current.config.admin {

@@ -162,7 +162,11 @@ impl Server {
             () = shutdown => {}
             () = control.handed_over.cancelled() => info!("a new process took over the listeners"),
         }
-        control.set_ready(false);
+        control.begin_stop();
+        if control.handed_over.is_cancelled() {
+            // The new process answers on the same admin socket from now on.
+            admin_stop.cancel();
+        }
         control.listeners.lock().await.stop_all().await;
         control.refresh_addrs(&*control.listeners.lock().await);
         if let Some(handover) = handover {

@@ -650,6 +650,45 @@ async fn readyz_is_unavailable_once_shutdown_begins() {
     let r = get(admin, "/readyz").await;
     assert_eq!((r.status, r.body.as_str()), (503, "not ready\n"));
     assert_eq!(get(admin, "/healthz").await.status, 200);
+    // A reload now would bind listeners again: refused.
+    let r = post(admin, "/api/v1/reload", None, "{}").await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(r.body.contains("shutting down"), "{}", r.body);
     drop(held);
     lb.finished().await;
+}
+
+#[tokio::test]
+async fn every_weight_zero_through_the_api_refuses_new_connections_cleanly() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    for balance in ["round_robin", "maglev", "least_conn", "random_two"] {
+        let lb = Balancer::start(&config(&[("a", a.addr, 1), ("b", b.addr, 1)], "").replace(
+            "    backends:\n",
+            &format!("    balance: {balance}\n    backends:\n"),
+        ))
+        .await;
+        let admin = lb.admin.unwrap();
+        for name in ["a", "b"] {
+            let r = post(
+                admin,
+                &format!("/api/v1/pools/p/backends/{name}/weight"),
+                None,
+                r#"{"weight":0}"#,
+            )
+            .await;
+            assert_eq!(r.status, 200, "{balance}: {}", r.body);
+        }
+        let mut s = TcpStream::connect(lb.addr("l")).await.unwrap();
+        assert!(read_to_end(&mut s).await.is_empty(), "{balance}");
+        wait_for("no_backend counted", || {
+            lb.counter(
+                "switchyard_listener_connections_closed_total",
+                &[("reason", "no_backend")],
+            ) == 1
+        })
+        .await;
+        let s = get(admin, "/api/v1/status").await.json();
+        assert_eq!(backend(&s, "p", "a")["weight"], 0, "{balance}");
+    }
 }

@@ -268,7 +268,9 @@ async fn reload(State(ctx): Ctx, headers: HeaderMap) -> Response {
             "listeners_kept": changes.kept,
         }))
         .into_response(),
-        Err(e @ ReloadError::NoConfigFile) => error(StatusCode::CONFLICT, e.to_string()),
+        Err(e @ (ReloadError::NoConfigFile | ReloadError::ShuttingDown)) => {
+            error(StatusCode::CONFLICT, e.to_string())
+        }
         Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
     }
 }
