@@ -6,7 +6,9 @@
 //! accepting on those very sockets, then answers `ready`; only then does the old process stop
 //! accepting and drain like on SIGTERM. The sockets never close and their accept queues are
 //! shared, so no connection attempt is refused or reset during the switch.
-//! This module owns the hand-over protocol and the one `unsafe` conversion it needs.
+//! Only the same user (or root) may connect: the socket file is mode 0600 and the peer's
+//! credentials are checked. This module owns the hand-over protocol and the one `unsafe`
+//! conversion it needs.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, IoSlice, IoSliceMut, Write};
@@ -280,6 +282,15 @@ pub fn serve_handover(
     let _ = std::fs::remove_file(&path);
     let listener = tokio::net::UnixListener::bind(&path)
         .with_context(|| format!("upgrade socket: cannot bind {}", path.display()))?;
+    // Whoever connects gets the listening sockets: only this user may.
+    let owner = {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("upgrade socket: cannot restrict {}", path.display()))?;
+        std::fs::metadata(&path)
+            .with_context(|| format!("upgrade socket: {}", path.display()))?
+            .uid()
+    };
     info!(path = %path.display(), "upgrade socket ready");
     let control = Arc::clone(control);
     let admin_socket = admin_socket.map(Arc::new);
@@ -289,7 +300,7 @@ pub fn serve_handover(
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             };
-            match hand_over(&control, stream, admin_socket.clone()).await {
+            match hand_over(&control, owner, stream, admin_socket.clone()).await {
                 Ok(()) => {
                     control.handed_over.cancel();
                     return;
@@ -305,9 +316,19 @@ pub fn serve_handover(
 
 async fn hand_over(
     control: &Control,
+    owner: u32,
     stream: tokio::net::UnixStream,
     admin: Option<Arc<std::net::TcpListener>>,
 ) -> anyhow::Result<()> {
+    let peer = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+        .context("upgrade socket: peer credentials")?;
+    if peer.uid() != owner && peer.uid() != 0 {
+        bail!(
+            "upgrade socket: refused a process of uid {} (pid {})",
+            peer.uid(),
+            peer.pid()
+        );
+    }
     let stream = stream.into_std()?;
     stream.set_nonblocking(false)?;
     {

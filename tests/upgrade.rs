@@ -192,8 +192,11 @@ async fn binary_upgrade_by_socket_takeover_drops_no_connection_attempt() {
         "binary upgrade: {total_ok} connections ({after_switch} before the old process exited), {total_failed} failed"
     );
     assert_eq!(total_failed, 0, "no connection attempt failed");
-    // The new process can be upgraded again: it serves the upgrade socket itself.
-    assert!(socket.exists());
+    // The new process can be upgraded again: it serves the upgrade socket itself, which
+    // only its user may use.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
     signal(&new, Signal::SIGTERM);
     assert_eq!(exited(&mut new).await, Some(0));
     assert!(!socket.exists(), "a normal stop removes the upgrade socket");
