@@ -265,3 +265,40 @@ pub fn status(control: &Control, auth_required: bool) -> Status {
             .collect(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Breaker;
+
+    #[test]
+    fn state_and_reason_from_breaker_health_and_admin() {
+        let b = Backend::new("db-1", "127.0.0.1:5432".parse().expect("addr"), 1);
+        assert_eq!(health(&b, 10), ("up", None));
+        assert_eq!(overall(&b, "up"), "up");
+
+        let breaker = Breaker {
+            max_fails: 1,
+            fail_duration_ms: 5_000,
+        };
+        assert!(b.state.record_connect_failure(1_000, breaker));
+        let (state, reason) = health(&b, 3_500);
+        assert_eq!(state, "down");
+        assert_eq!(
+            reason.as_deref(),
+            Some("passive: consecutive connect failures; retried in 2.5s")
+        );
+        assert_eq!(health(&b, 6_000).0, "up", "breaker closed again");
+
+        b.state.set_health(Health::Down);
+        assert_eq!(health(&b, 6_000).0, "down");
+        // The operator's state wins over health.
+        b.state.set_admin(AdminState::Drain);
+        assert_eq!(overall(&b, "down"), "drain");
+        b.state.set_admin(AdminState::Maint);
+        assert_eq!(overall(&b, "down"), "maint");
+        for s in ["up", "down", "drain", "maint"] {
+            assert!(BACKEND_STATES.contains(&s));
+        }
+    }
+}
