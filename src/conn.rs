@@ -12,7 +12,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::backend::ClientAddr;
+use crate::backend::{Backend, ClientAddr, Health};
 use crate::clock;
 use crate::config::{HashKey, MAX_RETRIES};
 use crate::forward::{self, ByteCounters};
@@ -38,10 +38,13 @@ pub enum CloseReason {
     NoBackend,
     /// The balancer is shutting down and the grace period ended.
     Shutdown,
+    /// The backend went down or stopped matching the pool's role, and the pool says
+    /// `on_backend_down: close_connections`.
+    BackendDown,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 8] = [
+    pub const ALL: [CloseReason; 9] = [
         CloseReason::ClientClosed,
         CloseReason::BackendClosed,
         CloseReason::ClientReset,
@@ -50,6 +53,7 @@ impl CloseReason {
         CloseReason::ConnectFailed,
         CloseReason::NoBackend,
         CloseReason::Shutdown,
+        CloseReason::BackendDown,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -62,6 +66,7 @@ impl CloseReason {
             CloseReason::ConnectFailed => "connect_failed",
             CloseReason::NoBackend => "no_backend",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::BackendDown => "backend_down",
         }
     }
 }
@@ -94,9 +99,20 @@ pub async fn serve(
     route.metrics.active.inc();
     let _ = client.set_nodelay(true);
 
-    let pool = &route.pool;
-    let (reason, backend, bytes) = match connect(pool, hash_key(pool.hash_key(), client_addr)).await
-    {
+    let mut pool = &route.pool;
+    let mut connected = connect(pool, hash_key(pool.hash_key(), client_addr)).await;
+    if let (Err(CloseReason::NoBackend), Some(fallback)) = (
+        &connected,
+        pool.config
+            .fallback_pool
+            .as_ref()
+            .and_then(|name| snapshot.pools.get(name)),
+    ) {
+        pool.metrics.fallback.inc();
+        pool = fallback;
+        connected = connect(pool, hash_key(pool.hash_key(), client_addr)).await;
+    }
+    let (reason, backend, bytes) = match connected {
         Err(reason) => (reason, None, (0, 0)),
         Ok((index, stream)) => {
             let backend = &pool.backends[index];
@@ -106,9 +122,10 @@ pub async fn serve(
                 from_client: route.metrics.bytes_from_clients.clone(),
                 to_client: route.metrics.bytes_to_clients.clone(),
             };
-            let out = forward::forward(
+            let out = forward_until_backend_down(
                 &client,
                 &stream,
+                backend,
                 route.config.idle_timeout,
                 &ctx.close_all,
                 &counters,
@@ -125,6 +142,7 @@ pub async fn serve(
     route.metrics.closed(reason).inc();
     log_close(
         route,
+        &pool.config.name,
         client_addr,
         backend.map(|b| b.to_string()),
         bytes,
@@ -135,6 +153,7 @@ pub async fn serve(
 
 fn log_close(
     route: &Route,
+    pool: &str,
     client: ClientAddr,
     backend: Option<String>,
     (from_client, to_client): (u64, u64),
@@ -144,7 +163,7 @@ fn log_close(
     info!(
         listener = %route.config.name,
         client = %client,
-        pool = %route.pool.config.name,
+        pool = %pool,
         backend = backend.as_deref().unwrap_or("-"),
         bytes_from_client = from_client,
         bytes_to_client = to_client,
@@ -152,6 +171,48 @@ fn log_close(
         reason = reason.as_str(),
         "connection closed"
     );
+}
+
+/// Forwards like [`forward::forward`], and also ends (as `backend_down`) when the backend's
+/// close signal fires (`on_backend_down: close_connections`, or an operator's maint). A
+/// backend already out of rotation by the time the connection is made is closed at once.
+async fn forward_until_backend_down(
+    client: &TcpStream,
+    stream: &TcpStream,
+    backend: &Backend,
+    idle_timeout: std::time::Duration,
+    close_all: &CancellationToken,
+    counters: &ByteCounters,
+) -> forward::Outcome {
+    let mut signal = backend.state.close_signal();
+    if backend.state.active_status().health != Health::Up {
+        return forward::Outcome {
+            reason: CloseReason::BackendDown,
+            bytes_from_client: 0,
+            bytes_to_client: 0,
+        };
+    }
+    let stop = close_all.child_token();
+    let forwarding = forward::forward(client, stream, idle_timeout, &stop, counters);
+    tokio::pin!(forwarding);
+    let closed = async {
+        // The sender lives in the backend state this connection holds, so `changed` only
+        // ends with a real signal; an error would mean no signal can ever come.
+        if signal.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        out = &mut forwarding => out,
+        () = closed => {
+            stop.cancel();
+            let mut out = forwarding.await;
+            if out.reason == CloseReason::Shutdown && !close_all.is_cancelled() {
+                out.reason = CloseReason::BackendDown;
+            }
+            out
+        }
+    }
 }
 
 fn hash_key(kind: HashKey, client: ClientAddr) -> u64 {

@@ -4,7 +4,8 @@
 //! Module map: `config` (file → validated config), `state` (snapshot + live backend state),
 //! `backend` (identity, atomics, passive breaker), `balance` (selection algorithms),
 //! `listener` (bind/accept), `conn` (one connection), `forward` (the byte path),
-//! `metrics` (names and handles), `server` (start and graceful stop).
+//! `metrics` (names and handles), `server` (start and graceful stop), `health` (active
+//! checks and the database-role state machine).
 
 pub mod backend;
 pub mod balance;
@@ -13,6 +14,7 @@ pub mod config;
 pub mod conn;
 pub mod forward;
 pub mod hash;
+pub mod health;
 pub mod listener;
 pub mod log;
 pub mod metrics;

@@ -25,6 +25,15 @@ pub mod names {
     pub const BACKEND_CONNECT_DURATION: &str = "switchyard_backend_connect_duration_seconds";
     pub const BACKEND_BREAKER_OPENED: &str = "switchyard_backend_passive_down_total";
     pub const POOL_RETRIES: &str = "switchyard_pool_connect_retries_total";
+    /// 1 for the backend's current state (`state`: up, down, standby), 0 for the others.
+    pub const BACKEND_STATE: &str = "switchyard_backend_state";
+    /// 1 for the reason of a down backend, 0 for the other reasons (all 0 when not down).
+    pub const BACKEND_DOWN_REASON: &str = "switchyard_backend_down_reason";
+    pub const BACKEND_STATE_CHANGES: &str = "switchyard_backend_state_changes_total";
+    pub const HEALTH_CHECK_DURATION: &str = "switchyard_health_check_duration_seconds";
+    pub const HEALTH_CHECKS: &str = "switchyard_health_checks_total";
+    pub const POOL_SPLIT_BRAIN: &str = "switchyard_pool_split_brain_total";
+    pub const POOL_FALLBACK: &str = "switchyard_pool_fallback_total";
 }
 
 /// Why a listener turned a connection away before any backend was chosen.
@@ -57,6 +66,13 @@ pub struct Metrics {
     backend_connect_duration: HistogramVec,
     backend_breaker_opened: IntCounterVec,
     pool_retries: IntCounterVec,
+    health_check_duration: HistogramVec,
+    health_checks: IntCounterVec,
+    backend_state_changes: IntCounterVec,
+    pool_split_brain: IntCounterVec,
+    pool_fallback: IntCounterVec,
+    /// Backend state gauges, computed from live state at scrape time.
+    pub backend_states: crate::health::gauges::StateGauges,
 }
 
 /// Handles for one listener.
@@ -90,6 +106,37 @@ pub struct BackendMetrics {
 #[derive(Debug, Clone)]
 pub struct PoolMetrics {
     pub retries: IntCounter,
+    /// Connections this pool handed to its `fallback_pool`.
+    pub fallback: IntCounter,
+}
+
+/// Handles for one backend's active check (used by its prober, off the data path).
+#[derive(Debug, Clone)]
+pub struct HealthMetrics {
+    pub check_duration: Histogram,
+    checks: IntCounterVec,
+    state_changes: IntCounterVec,
+    labels: [String; 3],
+}
+
+impl HealthMetrics {
+    /// Counts one check by what it found: `up`, `standby`, or the down reason.
+    pub fn check_result(&self, result: crate::backend::HealthStatus) {
+        let [pool, backend, check] = &self.labels;
+        let label = result.reason.map_or(result.health.as_str(), |r| r.as_str());
+        self.checks
+            .with_label_values(&[pool, backend, check, label])
+            .inc();
+    }
+
+    /// Counts one state change by the state entered and its reason (`-` when not down).
+    pub fn state_changed(&self, to: crate::backend::HealthStatus) {
+        let [pool, backend, _] = &self.labels;
+        let reason = to.reason.map_or("-", |r| r.as_str());
+        self.state_changes
+            .with_label_values(&[pool, backend, to.health.as_str(), reason])
+            .inc();
+    }
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -139,7 +186,51 @@ impl Metrics {
         registry
             .register(Box::new(backend_connect_duration.clone()))
             .unwrap_or_else(|e| panic!("register: {e}"));
+        let health_check_duration = HistogramVec::new(
+            HistogramOpts::new(
+                HEALTH_CHECK_DURATION,
+                "Time an active health check took, timeouts included.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+            &["pool", "backend", "check"],
+        )
+        .unwrap_or_else(|e| panic!("metric: {e}"));
+        registry
+            .register(Box::new(health_check_duration.clone()))
+            .unwrap_or_else(|e| panic!("register: {e}"));
+        let backend_states = crate::health::gauges::StateGauges::new();
+        registry
+            .register(Box::new(backend_states.clone()))
+            .unwrap_or_else(|e| panic!("register: {e}"));
         Metrics {
+            health_check_duration,
+            health_checks: counter_vec(
+                &registry,
+                HEALTH_CHECKS,
+                "Active health checks, by what they found (up, standby, or the down reason).",
+                &["pool", "backend", "check", "result"],
+            ),
+            backend_state_changes: counter_vec(
+                &registry,
+                BACKEND_STATE_CHANGES,
+                "Backend state changes, by the state entered and its reason.",
+                &["pool", "backend", "state", "reason"],
+            ),
+            pool_split_brain: counter_vec(
+                &registry,
+                POOL_SPLIT_BRAIN,
+                "Times more than one backend of a role: primary pool reported itself primary.",
+                &["pool"],
+            ),
+            pool_fallback: counter_vec(
+                &registry,
+                POOL_FALLBACK,
+                "Connections sent to the fallback pool because no backend of this pool was available.",
+                &["pool"],
+            ),
+            backend_states,
             listener_accepted: counter_vec(
                 &registry,
                 LISTENER_CONNECTIONS_ACCEPTED,
@@ -240,7 +331,23 @@ impl Metrics {
     pub fn pool(&self, pool: &str) -> PoolMetrics {
         PoolMetrics {
             retries: self.pool_retries.with_label_values(&[pool]),
+            fallback: self.pool_fallback.with_label_values(&[pool]),
         }
+    }
+
+    pub fn health(&self, pool: &str, backend: &str, check: &str) -> HealthMetrics {
+        HealthMetrics {
+            check_duration: self
+                .health_check_duration
+                .with_label_values(&[pool, backend, check]),
+            checks: self.health_checks.clone(),
+            state_changes: self.backend_state_changes.clone(),
+            labels: [pool.to_string(), backend.to_string(), check.to_string()],
+        }
+    }
+
+    pub fn split_brain(&self, pool: &str) -> IntCounter {
+        self.pool_split_brain.with_label_values(&[pool])
     }
 
     /// Prometheus text exposition of everything registered.

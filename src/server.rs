@@ -93,6 +93,8 @@ impl Server {
             }
         }
         let grace = snapshot.config.global.shutdown_grace;
+        self.shared.health.start(&snapshot, &self.shared.metrics);
+        let _probers = StopProbers(&self.shared);
         drop(snapshot);
 
         shutdown.await;
@@ -114,6 +116,15 @@ impl Server {
         }
         info!("shutdown complete");
         Ok(())
+    }
+}
+
+/// Stops the health probers when `run` ends, however it ends (returns or is dropped).
+struct StopProbers<'a>(&'a Shared);
+
+impl Drop for StopProbers<'_> {
+    fn drop(&mut self) {
+        self.0.health.stop();
     }
 }
 
