@@ -521,22 +521,5 @@ fn parse_hex(text: &str, path: &str, ctx: &Ctx<'_>) -> Result<Vec<u8>, ConfigErr
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn secret_debug_is_masked() {
-        let s = Secret::new("hunter2".into());
-        assert_eq!(format!("{s:?}"), "Secret(***)");
-        let check = PostgresCheck {
-            user: "monitor".into(),
-            password: Some(s),
-            database: "postgres".into(),
-            role: PostgresRole::Primary,
-            max_replication_lag: None,
-            sslmode: SslMode::Disable,
-            on_multiple_primaries: OnMultiplePrimaries::NewestTimeline,
-        };
-        assert!(!format!("{check:?}").contains("hunter2"));
-    }
-}
+#[path = "health_tests.rs"]
+mod tests;
