@@ -281,6 +281,7 @@ async fn connect(pool: &Pool, key: u64) -> Result<(usize, TcpStream), CloseReaso
             .record_connect_failure(clock::now_ms(), pool.breaker)
         {
             metrics.breaker_opened.inc();
+            metrics.passive_down.inc();
             warn!(
                 pool = %pool.config.name,
                 backend = %backend.name,

@@ -100,6 +100,8 @@ pub struct BackendMetrics {
     pub connect_failures: IntCounter,
     pub connect_duration: Histogram,
     pub breaker_opened: IntCounter,
+    /// The state change the opening breaker makes (down, passive), in the shared count.
+    pub passive_down: IntCounter,
 }
 
 /// Handles for one pool.
@@ -325,6 +327,12 @@ impl Metrics {
             connect_failures: self.backend_connect_failures.with_label_values(l),
             connect_duration: self.backend_connect_duration.with_label_values(l),
             breaker_opened: self.backend_breaker_opened.with_label_values(l),
+            passive_down: self.backend_state_changes.with_label_values(&[
+                pool,
+                backend,
+                crate::backend::Health::Down.as_str(),
+                crate::backend::DownReason::Passive.as_str(),
+            ]),
         }
     }
 

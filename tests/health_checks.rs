@@ -240,3 +240,27 @@ pools:
     assert_eq!(lb.shared.health.probers(), 2);
     assert_eq!(backend_of(lb.addr("l")).await, "up");
 }
+
+#[test]
+fn readme_postgres_cluster_config_is_valid() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let section = readme
+        .split("## Front a Postgres cluster")
+        .nth(1)
+        .expect("the README has a \"Front a Postgres cluster\" section");
+    let yaml = section
+        .split("```yaml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("a yaml block");
+    std::env::set_var("PG_MONITOR_PASSWORD", "example");
+    let config = Config::from_yaml(yaml, "README.md").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.listeners.len(), 2);
+    assert_eq!(config.pools.len(), 2);
+    assert!(config
+        .pools
+        .iter()
+        .all(|p| p.health_check.is_some() && p.backends.len() == 3));
+    assert_eq!(config.pools[1].fallback_pool.as_deref(), Some("pg-write"));
+}

@@ -148,6 +148,22 @@ pools:
         tls_sessions, "0",
         "the sslmode: require check runs over TLS"
     );
+    // The monitoring sessions stay open between checks: the same server processes answer
+    // over several intervals.
+    let sessions = "SELECT string_agg(pid::text, ',' ORDER BY pid) FROM pg_stat_activity \
+                    WHERE application_name = 'switchyard-health'";
+    // (Without reuse every check is a new process; a reconnect after a slow check under
+    // load is allowed, so a few samples are taken.)
+    let mut reused = false;
+    for _ in 0..5 {
+        let before = a.psql(sessions);
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        if a.psql(sessions) == before && !before.is_empty() {
+            reused = true;
+            break;
+        }
+    }
+    assert!(reused, "monitoring connections are reused between checks");
     // Wrong and missing credentials: a state, not a crash or a hang.
     wait_status(&lb, "pg-wrong-password", "a", down(DownReason::AuthFailed)).await;
     wait_status(&lb, "pg-no-password", "a", down(DownReason::AuthFailed)).await;

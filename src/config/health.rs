@@ -43,6 +43,16 @@ pub enum OnBackendDown {
     CloseConnections,
 }
 
+impl OnBackendDown {
+    /// The config spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            OnBackendDown::Keep => "keep",
+            OnBackendDown::CloseConnections => "close_connections",
+        }
+    }
+}
+
 /// `health_check.initial_state`: the state of a backend before its first checks decide.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
