@@ -119,6 +119,21 @@ impl PoolArbiter {
             .enumerate()
             .filter_map(|(i, s)| s.timeline.map(|t| (i, t)))
             .collect();
+        // At startup no primary is trusted before every backend has answered once: the
+        // first to answer would otherwise take writes for a moment even if another, newer
+        // primary is about to report.
+        let pending = HealthStatus::down(DownReason::Pending);
+        let first_round = inner.slots.iter().any(|s| s.decided == pending)
+            && !inner
+                .slots
+                .iter()
+                .any(|s| s.state.active_status().health == Health::Up);
+        if first_round {
+            for (i, _) in &primaries {
+                finals[*i] = pending;
+            }
+            return finals;
+        }
         let split = primaries.len() > 1;
         if split {
             let newest = primaries.iter().map(|(_, t)| *t).max().unwrap_or(0);
@@ -238,6 +253,7 @@ mod tests {
     #[test]
     fn newest_timeline_wins_and_ties_refuse_all() {
         let (a, _m) = arbiter(Some(OnMultiplePrimaries::NewestTimeline), 3);
+        a.report(2, HealthStatus::down(DownReason::Unreachable), None, None);
         a.report(0, UP, Some(1), None);
         a.report(1, HealthStatus::STANDBY, None, None);
         assert_eq!(statuses(&a)[0], UP);
@@ -254,6 +270,19 @@ mod tests {
         a.report(2, HealthStatus::down(DownReason::Unreachable), None, None);
         assert_eq!(statuses(&a)[1], UP, "one primary left");
         assert_eq!(a.split_brain_counter.get(), 1, "one episode, counted once");
+    }
+
+    #[test]
+    fn no_primary_before_every_backend_answered_once() {
+        let (a, _m) = arbiter(Some(OnMultiplePrimaries::NewestTimeline), 2);
+        a.report(0, UP, Some(1), None);
+        assert_eq!(
+            statuses(&a)[0],
+            HealthStatus::down(DownReason::Pending),
+            "backend 1 has not answered yet"
+        );
+        a.report(1, UP, Some(1), None);
+        assert_eq!(statuses(&a), vec![sb(), sb()], "a tie, never a moment of one winner");
     }
 
     #[test]
