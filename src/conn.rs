@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 
 use crate::backend::{Backend, ClientAddr, Health};
 use crate::clock;
-use crate::config::{HashKey, MAX_RETRIES};
+use crate::config::{HashKey, OnBackendDown, MAX_RETRIES};
 use crate::forward::{self, ByteCounters};
 use crate::hash::hash64;
 use crate::state::{Pool, Route, Shared};
@@ -126,6 +126,7 @@ pub async fn serve(
                 &client,
                 &stream,
                 backend,
+                pool.config.on_backend_down == OnBackendDown::CloseConnections,
                 route.config.idle_timeout,
                 &ctx.close_all,
                 &counters,
@@ -174,18 +175,20 @@ fn log_close(
 }
 
 /// Forwards like [`forward::forward`], and also ends (as `backend_down`) when the backend's
-/// close signal fires (`on_backend_down: close_connections`, or an operator's maint). A
-/// backend already out of rotation by the time the connection is made is closed at once.
+/// close signal fires (`on_backend_down: close_connections`, or an operator's maint). With
+/// `close_on_down`, a backend that left rotation while this connection was being made
+/// (after the pick, before the signal was watched) is closed at once.
 async fn forward_until_backend_down(
     client: &TcpStream,
     stream: &TcpStream,
     backend: &Backend,
+    close_on_down: bool,
     idle_timeout: std::time::Duration,
     close_all: &CancellationToken,
     counters: &ByteCounters,
 ) -> forward::Outcome {
     let mut signal = backend.state.close_signal();
-    if backend.state.active_status().health != Health::Up {
+    if close_on_down && backend.state.active_status().health != Health::Up {
         return forward::Outcome {
             reason: CloseReason::BackendDown,
             bytes_from_client: 0,

@@ -282,7 +282,11 @@ mod tests {
             "backend 1 has not answered yet"
         );
         a.report(1, UP, Some(1), None);
-        assert_eq!(statuses(&a), vec![sb(), sb()], "a tie, never a moment of one winner");
+        assert_eq!(
+            statuses(&a),
+            vec![sb(), sb()],
+            "a tie, never a moment of one winner"
+        );
     }
 
     #[test]

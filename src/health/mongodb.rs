@@ -390,6 +390,34 @@ mod tests {
     }
 
     #[test]
+    fn arbitrary_bytes_never_panic() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        let valid = {
+            let mut body = 0u32.to_le_bytes().to_vec();
+            body.push(0);
+            body.extend_from_slice(&doc(&[
+                (0x08, "isWritablePrimary", vec![1]),
+                (0x02, "setName", string("rs0")),
+                (0x01, "ok", 1f64.to_le_bytes().to_vec()),
+            ]));
+            body
+        };
+        assert!(parse_op_msg(&valid).is_some_and(|f| f.writable_primary));
+        for _ in 0..20_000 {
+            let mut bytes = valid.clone();
+            for _ in 0..rng.usize(1..4) {
+                let i = rng.usize(..bytes.len());
+                bytes[i] = rng.u8(..);
+            }
+            bytes.truncate(rng.usize(5..=bytes.len()));
+            let _ = parse_op_msg(&bytes);
+            let len = rng.usize(0..64);
+            let noise: Vec<u8> = (0..len).map(|_| rng.u8(..)).collect();
+            let _ = parse_document(&noise);
+        }
+    }
+
+    #[test]
     fn command_not_found_and_malformed() {
         let d = doc(&[
             (0x01, "ok", 0f64.to_le_bytes().to_vec()),

@@ -160,7 +160,6 @@ impl PgServer {
              CREATE ROLE {APP_USER} LOGIN PASSWORD '{APP_PASSWORD}';\
              SET password_encryption = 'md5';\
              CREATE ROLE {MONITOR_MD5} LOGIN PASSWORD '{MONITOR_MD5_PASSWORD}';\
-             GRANT pg_monitor TO {MONITOR}, {MONITOR_MD5};\
              CREATE TABLE IF NOT EXISTS writes (n int); GRANT ALL ON writes TO {APP_USER};"
         ));
         server
