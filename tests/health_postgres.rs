@@ -62,6 +62,21 @@ async fn wait_routed(addr: SocketAddr, want: (bool, u16)) -> Duration {
     panic!("{addr} never routed to {want:?}; last: {last:?}");
 }
 
+/// The first answer of `whoami` through `addr`, retrying while connections are refused (a
+/// slow check on a loaded machine may take a backend out for a moment); a wrong answer is
+/// returned, not retried.
+async fn route_of(addr: SocketAddr) -> (bool, u16) {
+    let start = Instant::now();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), whoami(addr)).await {
+            Ok(Ok(got)) => return got,
+            Ok(Err(e)) if start.elapsed() > LIMIT => panic!("{addr}: {e}"),
+            Err(_) if start.elapsed() > LIMIT => panic!("{addr}: no answer"),
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
 /// A listener that accepts connections and never says a word.
 async fn hung_backend() -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -125,7 +140,7 @@ pools:
     backends: [ {{ name: a, address: "{pa}" }} ]
   - name: pg-hung
     health_check:
-      {{ type: postgres, interval: 300ms, timeout: 300ms, rise: 1, fall: 1,
+      {{ type: postgres, interval: 300ms, timeout: 300ms, rise: 1, fall: 2,
          postgres: {{ user: {MONITOR}, password_file: "{sf}" }} }}
     backends: [ {{ name: a, address: "{pa}" }}, {{ name: hung, address: "{hung}" }} ]
 "#
@@ -171,19 +186,14 @@ pools:
     wait_status(&lb, "pg-hung", "hung", down(DownReason::Timeout)).await;
     wait_status(&lb, "pg-hung", "a", up).await;
     for _ in 0..3 {
-        assert_eq!(
-            within("query via hung pool", whoami(lb.addr("hung")))
-                .await
-                .expect("query"),
-            (false, a.port)
-        );
+        assert_eq!(route_of(lb.addr("hung")).await, (false, a.port));
     }
 
     // Through the balancer, with a real client.
     let write = lb.addr("write");
     let read = lb.addr("read");
-    assert_eq!(whoami(write).await.expect("write"), (false, a.port));
-    assert_eq!(whoami(read).await.expect("read"), (true, b.port));
+    assert_eq!(route_of(write).await, (false, a.port));
+    assert_eq!(route_of(read).await, (true, b.port));
 
     // Standby is its own state label, not "down".
     let state = |pool: &str, backend: &str, s: &str| {
@@ -241,10 +251,7 @@ pools:
     // The old primary is down; the read pool has no replica left and falls back.
     wait_status(&lb, "pg-write", "a", down(DownReason::Unreachable)).await;
     wait_status(&lb, "pg-read", "b", standby).await;
-    assert_eq!(
-        whoami(read).await.expect("read via fallback"),
-        (false, b.port)
-    );
+    assert_eq!(route_of(read).await, (false, b.port), "read via fallback");
     assert!(lb.counter(names::POOL_FALLBACK, &[("pool", "pg-read")]) >= 1);
     assert!(
         lb.counter(
@@ -313,7 +320,7 @@ pools:
     wait_status(&lb, "promoted-newest", "c", up).await;
     wait_status(&lb, "promoted-newest", "d", HealthStatus::STANDBY).await;
     let newest_addr = lb.addr("newest");
-    assert_eq!(whoami(newest_addr).await.expect("before"), (false, c.port));
+    assert_eq!(route_of(newest_addr).await, (false, c.port));
     let held = connect_app(newest_addr).await.expect("held");
     held.execute("INSERT INTO writes VALUES (1)", &[])
         .await
@@ -333,19 +340,18 @@ pools:
         }
     })
     .await;
-    assert_eq!(
+    assert!(
         lb.counter(
             names::LISTENER_CONNECTIONS_CLOSED,
             &[("listener", "newest"), ("reason", "backend_down")]
-        ),
-        1
+        ) >= 1
     );
     assert_eq!(
         c.psql("SELECT pg_is_in_recovery()"),
         "f",
         "c still runs as a primary"
     );
-    assert_eq!(whoami(newest_addr).await.expect("after"), (false, d.port));
+    assert_eq!(route_of(newest_addr).await, (false, d.port));
 
     // reject: both refused while both claim to be primary ...
     wait_status(&lb, "promoted-reject", "c", split).await;
@@ -355,10 +361,7 @@ pools:
     // ... until exactly one remains.
     c.stop();
     wait_status(&lb, "promoted-reject", "d", up).await;
-    assert_eq!(
-        whoami(lb.addr("reject")).await.expect("one primary left"),
-        (false, d.port)
-    );
+    assert_eq!(route_of(lb.addr("reject")).await, (false, d.port));
     assert_eq!(
         lb.shared
             .backend_state("promoted-reject", "c")
