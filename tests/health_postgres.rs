@@ -138,6 +138,11 @@ pools:
   - name: pg-no-password
     health_check: {{ type: postgres, {CHECK}, postgres: {{ user: {MONITOR}, sslmode: disable }} }}
     backends: [ {{ name: a, address: "{pa}" }} ]
+  - name: pg-lag
+    health_check:
+      {{ type: postgres, {CHECK},
+         postgres: {{ user: {MONITOR}, password_file: "{sf}", role: replica, max_replication_lag: 1s }} }}
+    backends: [ {{ name: b, address: "{pb}" }} ]
   - name: pg-hung
     health_check:
       {{ type: postgres, interval: 300ms, timeout: 300ms, rise: 1, fall: 2,
@@ -222,6 +227,23 @@ pools:
             ]
         ) >= 1
     );
+
+    // A replica that stops replaying while WAL keeps arriving falls behind: down (lagging),
+    // and up again once it catches up.
+    wait_status(&lb, "pg-lag", "b", up).await;
+    // One replayed commit first: with none, the replica cannot tell how far behind it is.
+    a.psql("INSERT INTO writes VALUES (-1)");
+    within("replica replays a commit", async {
+        while b.psql("SELECT count(*) FROM writes WHERE n = -1") != "1" {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    b.psql("SELECT pg_wal_replay_pause()");
+    a.psql("INSERT INTO writes VALUES (0)");
+    wait_status(&lb, "pg-lag", "b", down(DownReason::Lagging)).await;
+    b.psql("SELECT pg_wal_replay_resume()");
+    wait_status(&lb, "pg-lag", "b", up).await;
 
     // A session held open to the primary through the close_connections write pool.
     let held = connect_app(write).await.expect("held connection");

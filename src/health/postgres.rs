@@ -21,7 +21,8 @@ use crate::config::health::{PostgresCheck, PostgresRole, SslMode};
 /// name of its current WAL file, which changes the moment a promotion ends (the timeline in
 /// `pg_control_checkpoint()` only follows at the next checkpoint). Lag is 0 when the
 /// replica has replayed everything it received, as `now() - last replay` then only measures
-/// how quiet the primary is.
+/// how quiet the primary is; it is also 0 while the replica has replayed no commit since it
+/// started, when there is no timestamp to measure from.
 const ROLE_QUERY: &str = "SELECT pg_is_in_recovery(), \
      CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_walfile_name(pg_current_wal_lsn()) END, \
      CASE WHEN NOT pg_is_in_recovery() THEN NULL \
