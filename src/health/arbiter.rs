@@ -194,6 +194,7 @@ impl PoolArbiter {
                 backend = %slot.name,
                 from = %before.describe(),
                 to = %status.describe(),
+                detail,
                 "backend state changed"
             ),
         }
