@@ -1,7 +1,9 @@
 //! Backend identity and live state. A [`Backend`] is immutable and belongs to one config
 //! snapshot; its [`BackendState`] is shared atomics keyed by (pool, backend name) and carried
 //! from snapshot to snapshot, so a reload resets neither health nor connection counts.
-//! This module owns the passive circuit breaker; active checks (elsewhere) write `health`.
+//! This module owns the passive circuit breaker and the health state every reader sees
+//! ([`HealthStatus`]: up, standby, or down with a reason); active checks (`crate::health`)
+//! decide it, and an open breaker overlays it as down (passive).
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -48,8 +50,143 @@ pub enum AdminState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Health {
+    /// Eligible for new connections.
     Up = 0,
+    /// Not eligible; why is in [`HealthStatus::reason`].
     Down = 1,
+    /// Reachable and healthy but in the wrong role for this pool (a replica in a
+    /// primary-only pool): not eligible here, and not a failure.
+    Standby = 2,
+}
+
+impl Health {
+    pub const ALL: [Health; 3] = [Health::Up, Health::Down, Health::Standby];
+
+    /// The metric label and log spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Up => "up",
+            Health::Down => "down",
+            Health::Standby => "standby",
+        }
+    }
+}
+
+/// Why a backend is down: a bounded set, used as a metric label and in logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum DownReason {
+    /// No check has passed `rise` times yet.
+    Pending = 1,
+    /// Connecting failed (refused, reset, unreachable) or the server is shutting down.
+    Unreachable = 2,
+    /// The check did not finish within its `timeout`.
+    Timeout = 3,
+    /// The server refused the monitoring credentials.
+    AuthFailed = 4,
+    /// The server is in no role this pool can use (an arbiter, a foreign replica set).
+    WrongRole = 5,
+    /// A replica further behind than `max_replication_lag`.
+    Lagging = 6,
+    /// Another primary of the pool wins (newer timeline), or primaries are tied.
+    SplitBrain = 7,
+    /// The passive breaker: consecutive connect failures on the data path.
+    Passive = 8,
+    /// The server answered, but not as a healthy server does (an error, a bad reply).
+    CheckError = 9,
+}
+
+impl DownReason {
+    pub const ALL: [DownReason; 9] = [
+        DownReason::Pending,
+        DownReason::Unreachable,
+        DownReason::Timeout,
+        DownReason::AuthFailed,
+        DownReason::WrongRole,
+        DownReason::Lagging,
+        DownReason::SplitBrain,
+        DownReason::Passive,
+        DownReason::CheckError,
+    ];
+
+    /// The metric label and log spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DownReason::Pending => "pending",
+            DownReason::Unreachable => "unreachable",
+            DownReason::Timeout => "timeout",
+            DownReason::AuthFailed => "auth_failed",
+            DownReason::WrongRole => "wrong_role",
+            DownReason::Lagging => "lagging",
+            DownReason::SplitBrain => "split_brain",
+            DownReason::Passive => "passive",
+            DownReason::CheckError => "check_error",
+        }
+    }
+
+    fn from_code(code: u8) -> Option<DownReason> {
+        DownReason::ALL.iter().copied().find(|r| *r as u8 == code)
+    }
+}
+
+/// A backend's health with the reason when it is down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthStatus {
+    pub health: Health,
+    /// Set when `health` is `Down` (None only for a bare `set_health(Health::Down)`).
+    pub reason: Option<DownReason>,
+}
+
+impl HealthStatus {
+    pub const UP: HealthStatus = HealthStatus {
+        health: Health::Up,
+        reason: None,
+    };
+    pub const STANDBY: HealthStatus = HealthStatus {
+        health: Health::Standby,
+        reason: None,
+    };
+
+    pub fn down(reason: DownReason) -> HealthStatus {
+        HealthStatus {
+            health: Health::Down,
+            reason: Some(reason),
+        }
+    }
+
+    /// `up`, `standby`, or `down (reason)`.
+    pub fn describe(self) -> String {
+        match self.reason {
+            Some(r) => format!("{} ({})", self.health.as_str(), r.as_str()),
+            None => self.health.as_str().to_string(),
+        }
+    }
+
+    fn encode(self) -> u8 {
+        self.health as u8 | (self.reason.map_or(0, |r| r as u8) << 2)
+    }
+
+    fn decode(code: u8) -> HealthStatus {
+        let health = match code & 3 {
+            0 => Health::Up,
+            2 => Health::Standby,
+            _ => Health::Down,
+        };
+        HealthStatus {
+            health,
+            reason: DownReason::from_code(code >> 2),
+        }
+    }
+}
+
+/// The last active check of a backend, for the admin view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LastCheck {
+    /// `clock::now_ms` when the check finished.
+    pub at_ms: u64,
+    pub duration_us: u64,
+    /// What this one check found (before rise/fall).
+    pub result: HealthStatus,
 }
 
 /// The passive circuit breaker's settings for one pool.
@@ -72,8 +209,12 @@ pub struct BackendState {
     health: AtomicU8,
     /// Weight set through the admin API; `NO_WEIGHT_OVERRIDE` when the config's applies.
     weight_override: AtomicU32,
-    /// Orders open connections to this backend to close (see [`CloseSignal`]).
+    /// Orders open connections to this backend to close (see [`CloseSignal`]): an operator's
+    /// maint, or `on_backend_down: close_connections`.
     close_tx: watch::Sender<Option<CloseReason>>,
+    last_check_ms: AtomicU64,
+    last_check_us: AtomicU64,
+    last_check_result: AtomicU8,
 }
 
 const NO_WEIGHT_OVERRIDE: u32 = u32::MAX;
@@ -94,6 +235,9 @@ impl BackendState {
             health: AtomicU8::new(Health::Up as u8),
             weight_override: AtomicU32::new(NO_WEIGHT_OVERRIDE),
             close_tx: watch::Sender::new(None),
+            last_check_ms: AtomicU64::new(0),
+            last_check_us: AtomicU64::new(0),
+            last_check_result: AtomicU8::new(0),
         }
     }
 
@@ -125,6 +269,13 @@ impl BackendState {
     /// A close order that applies to connections as they open (the backend is in maint).
     pub fn standing_close(&self) -> Option<CloseReason> {
         (self.admin() == AdminState::Maint).then_some(CloseReason::Maint)
+    }
+
+    /// State for a backend first seen with this health (a checked pool starts down, pending).
+    pub fn with_status(status: HealthStatus) -> Self {
+        let s = Self::new();
+        s.set_status(status);
+        s
     }
 
     /// Whether new connections may go to this backend at `now_ms`.
@@ -159,17 +310,56 @@ impl BackendState {
         self.admin.store(state as u8, Ordering::Relaxed);
     }
 
+    /// Health, active and passive combined: an open passive breaker shows as down (passive).
     pub fn health(&self) -> Health {
-        match self.health.load(Ordering::Relaxed) {
-            0 => Health::Up,
-            _ => Health::Down,
+        self.status().health
+    }
+
+    /// Health with its reason, active and passive combined.
+    pub fn status(&self) -> HealthStatus {
+        let active = self.active_status();
+        if active.health == Health::Up && self.passive_down_until(crate::clock::now_ms()).is_some()
+        {
+            return HealthStatus::down(DownReason::Passive);
         }
+        active
+    }
+
+    /// What the active checks decided (or `set_health` set), without the passive breaker.
+    pub fn active_status(&self) -> HealthStatus {
+        HealthStatus::decode(self.health.load(Ordering::Relaxed))
     }
 
     pub fn set_health(&self, health: Health) {
-        self.health.store(health as u8, Ordering::Relaxed);
+        self.set_status(HealthStatus {
+            health,
+            reason: None,
+        });
     }
 
+    pub fn set_status(&self, status: HealthStatus) {
+        self.health.store(status.encode(), Ordering::Relaxed);
+    }
+
+    /// Records one finished active check.
+    pub fn record_check(&self, at_ms: u64, duration_us: u64, result: HealthStatus) {
+        self.last_check_us.store(duration_us, Ordering::Relaxed);
+        self.last_check_result
+            .store(result.encode(), Ordering::Relaxed);
+        self.last_check_ms.store(at_ms, Ordering::Relaxed);
+    }
+
+    /// The last active check, if one ran.
+    pub fn last_check(&self) -> Option<LastCheck> {
+        let at_ms = self.last_check_ms.load(Ordering::Relaxed);
+        (at_ms != 0).then(|| LastCheck {
+            at_ms,
+            duration_us: self.last_check_us.load(Ordering::Relaxed),
+            result: HealthStatus::decode(self.last_check_result.load(Ordering::Relaxed)),
+        })
+    }
+
+    /// Asks every open connection of this backend to close (they watch [`Self::close_signal`]).
     /// A connect succeeded: the consecutive-failure count starts again.
     pub fn record_connect_success(&self) {
         if self.consecutive_fails.load(Ordering::Relaxed) != 0 {
@@ -354,6 +544,42 @@ mod tests {
         assert_eq!(s.weight_override(), Some(0));
         s.set_weight_override(None);
         assert_eq!(s.weight_override(), None);
+    }
+
+    #[test]
+    fn status_round_trips_and_passive_shows_as_down() {
+        let s = BackendState::with_status(HealthStatus::down(DownReason::Pending));
+        assert_eq!(s.status(), HealthStatus::down(DownReason::Pending));
+        assert!(!s.is_available(crate::clock::now_ms()));
+        for reason in DownReason::ALL {
+            s.set_status(HealthStatus::down(reason));
+            assert_eq!(s.status().reason, Some(reason));
+        }
+        s.set_status(HealthStatus::STANDBY);
+        assert_eq!(s.health(), Health::Standby);
+        assert!(!s.is_available(crate::clock::now_ms()));
+        s.set_status(HealthStatus::UP);
+        let now = crate::clock::now_ms();
+        for _ in 0..3 {
+            s.record_connect_failure(now, BREAKER);
+        }
+        assert_eq!(s.status(), HealthStatus::down(DownReason::Passive));
+        assert_eq!(s.active_status(), HealthStatus::UP);
+        assert_eq!(
+            HealthStatus::down(DownReason::AuthFailed).describe(),
+            "down (auth_failed)"
+        );
+    }
+
+    #[test]
+    fn last_check_is_recorded() {
+        let s = BackendState::new();
+        s.record_check(5, 120, HealthStatus::STANDBY);
+        let last = s.last_check().expect("recorded");
+        assert_eq!(
+            (last.at_ms, last.duration_us, last.result),
+            (5, 120, HealthStatus::STANDBY)
+        );
     }
 
     #[test]

@@ -104,6 +104,21 @@ pub fn summary(config: &Config) -> String {
             p.max_fails,
             humantime::format_duration(p.fail_duration)
         );
+        if let Some(h) = &p.health_check {
+            let _ = writeln!(
+                out,
+                "    health: {} every {} (timeout {}, rise {}, fall {}), on_backend_down {}",
+                h.kind.name(),
+                humantime::format_duration(h.interval),
+                humantime::format_duration(h.timeout),
+                h.rise,
+                h.fall,
+                p.on_backend_down.name()
+            );
+        }
+        if let Some(f) = &p.fallback_pool {
+            let _ = writeln!(out, "    fallback_pool: {f}");
+        }
         for b in &p.backends {
             let name = if b.name == b.address.to_string() {
                 String::new()

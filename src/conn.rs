@@ -13,9 +13,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::access_log::{AccessLog, Record};
-use crate::backend::ClientAddr;
+use crate::backend::{ClientAddr, Health};
 use crate::clock;
-use crate::config::{HashKey, MAX_RETRIES};
+use crate::config::{HashKey, OnBackendDown, MAX_RETRIES};
 use crate::forward::{self, ByteCounters};
 use crate::hash::hash64;
 use crate::state::{Pool, Route, Shared};
@@ -41,10 +41,13 @@ pub enum CloseReason {
     Shutdown,
     /// An operator put the backend in maintenance (admin API): its connections close.
     Maint,
+    /// The backend went down or stopped matching the pool's role, and the pool says
+    /// `on_backend_down: close_connections`.
+    BackendDown,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 9] = [
+    pub const ALL: [CloseReason; 10] = [
         CloseReason::ClientClosed,
         CloseReason::BackendClosed,
         CloseReason::ClientReset,
@@ -54,6 +57,7 @@ impl CloseReason {
         CloseReason::NoBackend,
         CloseReason::Shutdown,
         CloseReason::Maint,
+        CloseReason::BackendDown,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -67,6 +71,7 @@ impl CloseReason {
             CloseReason::NoBackend => "no_backend",
             CloseReason::Shutdown => "shutdown",
             CloseReason::Maint => "maint",
+            CloseReason::BackendDown => "backend_down",
         }
     }
 }
@@ -101,9 +106,20 @@ pub async fn serve(
     route.metrics.active.inc();
     let _ = client.set_nodelay(true);
 
-    let pool = &route.pool;
-    let (reason, backend, bytes) = match connect(pool, hash_key(pool.hash_key(), client_addr)).await
-    {
+    let mut pool = &route.pool;
+    let mut connected = connect(pool, hash_key(pool.hash_key(), client_addr)).await;
+    if let (Err(CloseReason::NoBackend), Some(fallback)) = (
+        &connected,
+        pool.config
+            .fallback_pool
+            .as_ref()
+            .and_then(|name| snapshot.pools.get(name)),
+    ) {
+        pool.metrics.fallback.inc();
+        pool = fallback;
+        connected = connect(pool, hash_key(pool.hash_key(), client_addr)).await;
+    }
+    let (reason, backend, bytes) = match connected {
         Err(reason) => (reason, None, (0, 0)),
         Ok((index, stream)) => {
             let backend = &pool.backends[index];
@@ -118,7 +134,14 @@ pub async fn serve(
                 backend_from_client: metrics.bytes_from_clients.clone(),
                 backend_to_client: metrics.bytes_to_clients.clone(),
             };
-            let out = match backend.state.standing_close() {
+            // A backend that left rotation between the pick and the subscription above is
+            // closed at once in a close_connections pool.
+            let close_on_down = pool.config.on_backend_down == OnBackendDown::CloseConnections;
+            let standing = backend.state.standing_close().or_else(|| {
+                (close_on_down && backend.state.active_status().health != Health::Up)
+                    .then_some(CloseReason::BackendDown)
+            });
+            let out = match standing {
                 Some(reason) => forward::Outcome {
                     reason,
                     bytes_from_client: 0,
@@ -147,6 +170,7 @@ pub async fn serve(
     route.metrics.closed(reason).inc();
     log_close(
         route,
+        &pool.config.name,
         client_addr,
         backend.map(|b| b.addr.to_string()),
         bytes,
@@ -169,6 +193,7 @@ pub async fn serve(
 
 fn log_close(
     route: &Route,
+    pool: &str,
     client: ClientAddr,
     backend: Option<String>,
     (from_client, to_client): (u64, u64),
@@ -178,7 +203,7 @@ fn log_close(
     info!(
         listener = %route.config.name,
         client = %client,
-        pool = %route.pool.config.name,
+        pool = %pool,
         backend = backend.as_deref().unwrap_or("-"),
         bytes_from_client = from_client,
         bytes_to_client = to_client,
@@ -254,6 +279,7 @@ async fn connect(pool: &Pool, key: u64) -> Result<(usize, TcpStream), CloseReaso
             .record_connect_failure(clock::now_ms(), pool.breaker)
         {
             metrics.breaker_opened.inc();
+            metrics.passive_down.inc();
             warn!(
                 pool = %pool.config.name,
                 backend = %backend.name,

@@ -4,9 +4,10 @@
 //! Module map: `config` (file → validated config), `state` (snapshot + live backend state),
 //! `backend` (identity, atomics, passive breaker), `balance` (selection algorithms),
 //! `listener` (bind/accept), `conn` (one connection), `forward` (the byte path),
-//! `metrics` (names and handles), `server` (start and graceful stop), `control` (reload,
-//! admin changes), `admin` (HTTP: metrics, status page, admin API), `access_log`,
-//! `upgrade` (socket hand-over to a new binary).
+//! `metrics` (names and handles), `server` (start and graceful stop), `health` (active
+//! checks and the database-role state machine), `control` (reload, admin changes), `admin`
+//! (HTTP: metrics, status page, admin API), `access_log`, `upgrade` (socket hand-over to a
+//! new binary).
 
 pub mod access_log;
 pub mod admin;
@@ -18,6 +19,7 @@ pub mod conn;
 pub mod control;
 pub mod forward;
 pub mod hash;
+pub mod health;
 pub mod listener;
 pub mod log;
 pub mod metrics;

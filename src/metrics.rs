@@ -27,8 +27,6 @@ pub mod names {
     pub const POOL_RETRIES: &str = "switchyard_pool_connect_retries_total";
     pub const BACKEND_BYTES_FROM_CLIENTS: &str = "switchyard_backend_bytes_from_clients_total";
     pub const BACKEND_BYTES_TO_CLIENTS: &str = "switchyard_backend_bytes_to_clients_total";
-    pub const BACKEND_CHECK_DURATION: &str = "switchyard_backend_check_duration_seconds";
-    pub const BACKEND_CHECKS: &str = "switchyard_backend_checks_total";
     // Read from live backend state at scrape time (admin::exporter).
     pub const BACKEND_CONNECTIONS_ACTIVE: &str = "switchyard_backend_connections_active";
     pub const BACKEND_UP: &str = "switchyard_backend_up";
@@ -52,6 +50,14 @@ pub mod names {
     pub const PROCESS_MAX_FDS: &str = "process_max_fds";
     pub const PROCESS_START_TIME: &str = "process_start_time_seconds";
 
+    /// 1 for the reason of a down backend, 0 for the other reasons (all 0 when not down).
+    pub const BACKEND_DOWN_REASON: &str = "switchyard_backend_down_reason";
+    pub const BACKEND_STATE_CHANGES: &str = "switchyard_backend_state_changes_total";
+    pub const HEALTH_CHECK_DURATION: &str = "switchyard_health_check_duration_seconds";
+    pub const HEALTH_CHECKS: &str = "switchyard_health_checks_total";
+    pub const POOL_SPLIT_BRAIN: &str = "switchyard_pool_split_brain_total";
+    pub const POOL_FALLBACK: &str = "switchyard_pool_fallback_total";
+
     /// Every metric family the balancer exports (dashboards and alerts are checked against it).
     pub const ALL: &[&str] = &[
         LISTENER_CONNECTIONS_ACCEPTED,
@@ -68,8 +74,12 @@ pub mod names {
         POOL_RETRIES,
         BACKEND_BYTES_FROM_CLIENTS,
         BACKEND_BYTES_TO_CLIENTS,
-        BACKEND_CHECK_DURATION,
-        BACKEND_CHECKS,
+        BACKEND_DOWN_REASON,
+        BACKEND_STATE_CHANGES,
+        HEALTH_CHECK_DURATION,
+        HEALTH_CHECKS,
+        POOL_SPLIT_BRAIN,
+        POOL_FALLBACK,
         BACKEND_CONNECTIONS_ACTIVE,
         BACKEND_UP,
         BACKEND_STATE,
@@ -90,24 +100,6 @@ pub mod names {
         PROCESS_MAX_FDS,
         PROCESS_START_TIME,
     ];
-}
-
-/// Result of one health check, as a metric label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CheckResult {
-    Ok,
-    Failed,
-}
-
-impl CheckResult {
-    pub const ALL: [CheckResult; 2] = [CheckResult::Ok, CheckResult::Failed];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CheckResult::Ok => "ok",
-            CheckResult::Failed => "failed",
-        }
-    }
 }
 
 /// Why a listener turned a connection away before any backend was chosen.
@@ -142,8 +134,11 @@ pub struct Metrics {
     pool_retries: IntCounterVec,
     backend_bytes_from_clients: IntCounterVec,
     backend_bytes_to_clients: IntCounterVec,
-    backend_check_duration: HistogramVec,
-    backend_checks: IntCounterVec,
+    health_check_duration: HistogramVec,
+    health_checks: IntCounterVec,
+    backend_state_changes: IntCounterVec,
+    pool_split_brain: IntCounterVec,
+    pool_fallback: IntCounterVec,
     /// Handles for the operations side: reloads, access log, admin API.
     pub ops: OpsMetrics,
 }
@@ -189,21 +184,45 @@ pub struct BackendMetrics {
     pub breaker_opened: IntCounter,
     pub bytes_from_clients: IntCounter,
     pub bytes_to_clients: IntCounter,
-    /// Active health checks record here (one child per backend, exported from the start).
-    pub check_duration: Histogram,
-    checks: Vec<IntCounter>,
-}
-
-impl BackendMetrics {
-    pub fn checks(&self, result: CheckResult) -> &IntCounter {
-        &self.checks[result as usize]
-    }
+    /// The state change the opening breaker makes (down, passive), in the shared count.
+    pub passive_down: IntCounter,
 }
 
 /// Handles for one pool.
 #[derive(Debug, Clone)]
 pub struct PoolMetrics {
     pub retries: IntCounter,
+    /// Connections this pool handed to its `fallback_pool`.
+    pub fallback: IntCounter,
+}
+
+/// Handles for one backend's active check (used by its prober, off the data path).
+#[derive(Debug, Clone)]
+pub struct HealthMetrics {
+    pub check_duration: Histogram,
+    checks: IntCounterVec,
+    state_changes: IntCounterVec,
+    labels: [String; 3],
+}
+
+impl HealthMetrics {
+    /// Counts one check by what it found: `up`, `standby`, or the down reason.
+    pub fn check_result(&self, result: crate::backend::HealthStatus) {
+        let [pool, backend, check] = &self.labels;
+        let label = result.reason.map_or(result.health.as_str(), |r| r.as_str());
+        self.checks
+            .with_label_values(&[pool, backend, check, label])
+            .inc();
+    }
+
+    /// Counts one state change by the state entered and its reason (`-` when not down).
+    pub fn state_changed(&self, to: crate::backend::HealthStatus) {
+        let [pool, backend, _] = &self.labels;
+        let reason = to.reason.map_or("-", |r| r.as_str());
+        self.state_changes
+            .with_label_values(&[pool, backend, to.health.as_str(), reason])
+            .inc();
+    }
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
@@ -260,17 +279,6 @@ impl Metrics {
         .unwrap_or_else(|e| panic!("metric: {e}"));
         registry
             .register(Box::new(backend_connect_duration.clone()))
-            .unwrap_or_else(|e| panic!("register: {e}"));
-        let backend_check_duration = HistogramVec::new(
-            HistogramOpts::new(BACKEND_CHECK_DURATION, "Time an active health check took.")
-                .buckets(vec![
-                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                ]),
-            &["pool", "backend"],
-        )
-        .unwrap_or_else(|e| panic!("metric: {e}"));
-        registry
-            .register(Box::new(backend_check_duration.clone()))
             .unwrap_or_else(|e| panic!("register: {e}"));
         let reloads = counter_vec(
             &registry,
@@ -336,7 +344,46 @@ impl Metrics {
                 .unwrap_or_else(|e| panic!("register: {e}"));
         }
         ops.last_reload_successful.set(1);
+        let health_check_duration = HistogramVec::new(
+            HistogramOpts::new(
+                HEALTH_CHECK_DURATION,
+                "Time an active health check took, timeouts included.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+            &["pool", "backend", "check"],
+        )
+        .unwrap_or_else(|e| panic!("metric: {e}"));
+        registry
+            .register(Box::new(health_check_duration.clone()))
+            .unwrap_or_else(|e| panic!("register: {e}"));
         Metrics {
+            health_check_duration,
+            health_checks: counter_vec(
+                &registry,
+                HEALTH_CHECKS,
+                "Active health checks, by what they found (up, standby, or the down reason).",
+                &["pool", "backend", "check", "result"],
+            ),
+            backend_state_changes: counter_vec(
+                &registry,
+                BACKEND_STATE_CHANGES,
+                "Backend state changes, by the state entered and its reason.",
+                &["pool", "backend", "state", "reason"],
+            ),
+            pool_split_brain: counter_vec(
+                &registry,
+                POOL_SPLIT_BRAIN,
+                "Times more than one backend of a role: primary pool reported itself primary.",
+                &["pool"],
+            ),
+            pool_fallback: counter_vec(
+                &registry,
+                POOL_FALLBACK,
+                "Connections sent to the fallback pool because no backend of this pool was available.",
+                &["pool"],
+            ),
             backend_bytes_from_clients: counter_vec(
                 &registry,
                 BACKEND_BYTES_FROM_CLIENTS,
@@ -348,13 +395,6 @@ impl Metrics {
                 BACKEND_BYTES_TO_CLIENTS,
                 "Bytes from a backend sent to clients.",
                 &["pool", "backend"],
-            ),
-            backend_check_duration,
-            backend_checks: counter_vec(
-                &registry,
-                BACKEND_CHECKS,
-                "Active health checks, by result.",
-                &["pool", "backend", "result"],
             ),
             ops,
             listener_accepted: counter_vec(
@@ -453,21 +493,35 @@ impl Metrics {
             breaker_opened: self.backend_breaker_opened.with_label_values(l),
             bytes_from_clients: self.backend_bytes_from_clients.with_label_values(l),
             bytes_to_clients: self.backend_bytes_to_clients.with_label_values(l),
-            check_duration: self.backend_check_duration.with_label_values(l),
-            checks: CheckResult::ALL
-                .iter()
-                .map(|r| {
-                    self.backend_checks
-                        .with_label_values(&[pool, backend, r.as_str()])
-                })
-                .collect(),
+            passive_down: self.backend_state_changes.with_label_values(&[
+                pool,
+                backend,
+                crate::backend::Health::Down.as_str(),
+                crate::backend::DownReason::Passive.as_str(),
+            ]),
         }
     }
 
     pub fn pool(&self, pool: &str) -> PoolMetrics {
         PoolMetrics {
             retries: self.pool_retries.with_label_values(&[pool]),
+            fallback: self.pool_fallback.with_label_values(&[pool]),
         }
+    }
+
+    pub fn health(&self, pool: &str, backend: &str, check: &str) -> HealthMetrics {
+        HealthMetrics {
+            check_duration: self
+                .health_check_duration
+                .with_label_values(&[pool, backend, check]),
+            checks: self.health_checks.clone(),
+            state_changes: self.backend_state_changes.clone(),
+            labels: [pool.to_string(), backend.to_string(), check.to_string()],
+        }
+    }
+
+    pub fn split_brain(&self, pool: &str) -> IntCounter {
+        self.pool_split_brain.with_label_values(&[pool])
     }
 
     /// Prometheus text exposition of everything registered.

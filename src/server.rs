@@ -141,6 +141,10 @@ impl Server {
             }
             control.refresh_addrs(&set);
         }
+        self.shared
+            .health
+            .start(&self.shared.snapshot(), &self.shared.metrics);
+        let _probers = StopProbers(Arc::clone(&self.shared));
         let admin_stop = CancellationToken::new();
         let mut admin_dup = None;
         let admin_task = match self.admin.take() {
@@ -200,6 +204,15 @@ impl Server {
         }
         info!("shutdown complete");
         Ok(())
+    }
+}
+
+/// Stops the health probers when `run` ends, however it ends (returns or is dropped).
+struct StopProbers(Arc<Shared>);
+
+impl Drop for StopProbers {
+    fn drop(&mut self) {
+        self.0.health.stop();
     }
 }
 

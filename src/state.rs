@@ -60,6 +60,8 @@ pub struct Shared {
     snapshot: ArcSwap<Snapshot>,
     backend_states: Mutex<HashMap<(String, String), Arc<BackendState>>>,
     pub metrics: Metrics,
+    /// Active health-check probers, kept in line with each published snapshot.
+    pub health: crate::health::Supervisor,
 }
 
 impl Shared {
@@ -70,6 +72,7 @@ impl Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             backend_states,
             metrics,
+            health: crate::health::Supervisor::new(),
         })
     }
 
@@ -80,8 +83,9 @@ impl Shared {
 
     /// Builds a snapshot of `config` (keeping live backend state) and publishes it.
     pub fn publish(&self, config: Config) {
-        let snapshot = build(config, &self.backend_states, &self.metrics);
-        self.snapshot.store(Arc::new(snapshot));
+        let snapshot = Arc::new(build(config, &self.backend_states, &self.metrics));
+        self.snapshot.store(Arc::clone(&snapshot));
+        self.health.sync(&snapshot, &self.metrics);
     }
 
     /// Live state of a backend, if the current config has it.
@@ -110,7 +114,9 @@ fn build(
             .map(|bc| {
                 let state = states
                     .entry((pc.name.clone(), bc.name.clone()))
-                    .or_insert_with(|| Arc::new(BackendState::new()));
+                    .or_insert_with(|| {
+                        Arc::new(BackendState::with_status(crate::health::initial_status(pc)))
+                    });
                 Backend {
                     name: Arc::from(bc.name.as_str()),
                     addr: crate::backend::BackendAddr(bc.address),

@@ -116,7 +116,10 @@ async fn forward_mode_balances_over_the_given_backends_and_exits_0_on_sigterm() 
     }
     // The readiness probe above also took a turn, racing with these on two workers, so
     // only the spread is certain: round robin over two backends serves both in four.
-    assert!(seen.contains(&"a".to_string()) && seen.contains(&"b".to_string()), "{seen:?}");
+    assert!(
+        seen.contains(&"a".to_string()) && seen.contains(&"b".to_string()),
+        "{seen:?}"
+    );
     terminate(&child);
     let status = within(
         "exit",

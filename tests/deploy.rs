@@ -102,7 +102,7 @@ fn dashboard_queries_name_only_exported_metrics() {
         names::LISTENER_CONNECTIONS_ACTIVE,
         names::LISTENER_BYTES_FROM_CLIENTS,
         names::BACKEND_STATE,
-        "switchyard_backend_check_duration_seconds_bucket",
+        "switchyard_health_check_duration_seconds_bucket",
         "switchyard_backend_connect_duration_seconds_bucket",
         names::POOL_RETRIES,
     ] {

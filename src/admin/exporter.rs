@@ -8,6 +8,7 @@ use prometheus::proto::MetricFamily;
 use prometheus::{Counter, Encoder, IntGauge, IntGaugeVec, Opts, TextEncoder};
 
 use super::status::{self, BACKEND_STATES};
+use crate::backend::DownReason;
 use crate::clock;
 use crate::metrics::names;
 use crate::state::{Shared, Snapshot};
@@ -31,7 +32,7 @@ fn gauge_vec(name: &str, help: &str, labels: &[&str]) -> Option<IntGaugeVec> {
 
 /// Live per-backend families. A backend appears once per pool in the current config.
 pub fn backend_families(snapshot: &Snapshot) -> Vec<MetricFamily> {
-    let (Some(active), Some(weight), Some(up), Some(state)) = (
+    let (Some(active), Some(weight), Some(up), Some(state), Some(down_reason)) = (
         gauge_vec(
             names::BACKEND_CONNECTIONS_ACTIVE,
             "Connections open to a backend.",
@@ -52,6 +53,11 @@ pub fn backend_families(snapshot: &Snapshot) -> Vec<MetricFamily> {
             "1 for the backend's current state (up, down, standby, drain, maint), 0 for the others.",
             &["pool", "backend", "state"],
         ),
+        gauge_vec(
+            names::BACKEND_DOWN_REASON,
+            "1 for the reason a down backend is down, 0 for the other reasons (all 0 when not down).",
+            &["pool", "backend", "reason"],
+        ),
     ) else {
         return Vec::new();
     };
@@ -66,6 +72,12 @@ pub fn backend_families(snapshot: &Snapshot) -> Vec<MetricFamily> {
             weight.with_label_values(&l).set(i64::from(b.weight));
             let (health, _) = status::health(b, now_ms);
             up.with_label_values(&l).set(i64::from(health == "up"));
+            let reason = b.state.status().reason;
+            for r in DownReason::ALL {
+                down_reason
+                    .with_label_values(&[p, &*b.name, r.as_str()])
+                    .set(i64::from(reason == Some(r)));
+            }
             let current = status::overall(b, health);
             for s in BACKEND_STATES {
                 state
@@ -79,6 +91,7 @@ pub fn backend_families(snapshot: &Snapshot) -> Vec<MetricFamily> {
         weight.collect(),
         up.collect(),
         state.collect(),
+        down_reason.collect(),
     ]
     .concat()
 }

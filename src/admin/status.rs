@@ -139,10 +139,36 @@ pub fn health(backend: &Backend, now_ms: u64) -> (&'static str, Option<String>) 
             )),
         );
     }
-    match backend.state.health() {
+    let status = backend.state.active_status();
+    match status.health {
         Health::Up => ("up", None),
-        Health::Down => ("down", Some("health check failed".to_string())),
+        Health::Standby => (
+            "standby",
+            Some("reachable and healthy; its role does not match this pool".to_string()),
+        ),
+        Health::Down => (
+            "down",
+            Some(
+                status
+                    .reason
+                    .map_or("health check failed", |r| r.as_str())
+                    .to_string(),
+            ),
+        ),
     }
+}
+
+fn last_check(backend: &Backend, now_ms: u64) -> Option<CheckStatus> {
+    let check = backend.state.last_check()?;
+    Some(CheckStatus {
+        result: check
+            .result
+            .reason
+            .map_or(check.result.health.as_str(), |r| r.as_str()),
+        age_seconds: now_ms.saturating_sub(check.at_ms) as f64 / 1000.0,
+        duration_seconds: check.duration_us as f64 / 1_000_000.0,
+        message: Some(check.result.describe()),
+    })
 }
 
 /// The overall state: operator state first, then health.
@@ -174,7 +200,7 @@ fn backend_status(pool: &Pool, index: usize, now_ms: u64) -> BackendStatus {
         health: HealthStatus {
             state: health_state,
             reason,
-            last_check: None,
+            last_check: last_check(b, now_ms),
         },
         connections: BackendConnections {
             active: b.state.active(),

@@ -87,6 +87,9 @@ pub struct PoolSection {
     pub fail_duration: Option<ConfigDuration>,
     #[serde(default)]
     pub backends: Vec<BackendSection>,
+    pub health_check: Option<super::health::HealthCheckSection>,
+    pub on_backend_down: Option<super::health::OnBackendDown>,
+    pub fallback_pool: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -5,6 +5,7 @@
 
 mod error;
 mod file;
+pub mod health;
 mod locate;
 mod ops;
 
@@ -17,6 +18,7 @@ use serde::Deserialize;
 
 pub use error::{ConfigError, ConfigLocation};
 pub use file::ConfigDuration;
+pub use health::{CheckKind, HealthCheckConfig, OnBackendDown};
 pub use ops::{AccessLogConfig, AccessLogFormat, AccessLogTarget, AdminConfig, AdminToken};
 
 use crate::balance::{self, Algorithm};
@@ -88,6 +90,11 @@ pub struct PoolConfig {
     pub max_fails: u32,
     pub fail_duration: Duration,
     pub backends: Vec<BackendConfig>,
+    /// Active health check; None: `type: none` or no `health_check` key.
+    pub health_check: Option<HealthCheckConfig>,
+    pub on_backend_down: OnBackendDown,
+    /// Pool that serves this pool's connections while none of its backends is available.
+    pub fallback_pool: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -215,6 +222,7 @@ fn validate(file: ConfigFile, ctx: &Ctx<'_>) -> Result<Config, ConfigError> {
         }
         pools.push(validate_pool(section, defaults, &path, ctx)?);
     }
+    check_fallback_pools(&pools, ctx)?;
 
     if file.listeners.is_empty() {
         return Err(ctx.error("listeners", "no listeners, expected at least one"));
@@ -374,7 +382,14 @@ fn validate_pool(
     }
     let retries = s.retries.or(defaults.retries).unwrap_or(DEFAULT_RETRIES);
     check_retries(retries, &format!("{path}.retries"), ctx)?;
+    let health_check = match s.health_check {
+        Some(h) => health::validate(h, &format!("{path}.health_check"), ctx)?,
+        None => None,
+    };
     Ok(PoolConfig {
+        health_check,
+        on_backend_down: s.on_backend_down.unwrap_or_default(),
+        fallback_pool: s.fallback_pool,
         name: s.name,
         balance,
         hash_key: s.hash_key.unwrap_or(HashKey::ClientIp),
@@ -416,6 +431,41 @@ fn validate_backend(
         address,
         weight,
     })
+}
+
+/// A `fallback_pool` names another pool of this config.
+fn check_fallback_pools(pools: &[PoolConfig], ctx: &Ctx<'_>) -> Result<(), ConfigError> {
+    for (i, pool) in pools.iter().enumerate() {
+        let Some(fallback) = &pool.fallback_pool else {
+            continue;
+        };
+        let path = format!("pools[{i}].fallback_pool");
+        if *fallback == pool.name {
+            return Err(ctx.error(
+                &path,
+                format!("pool \"{fallback}\" cannot be its own fallback, expected another pool"),
+            ));
+        }
+        if !pools.iter().any(|p| p.name == *fallback) {
+            let known: Vec<&str> = pools
+                .iter()
+                .filter(|p| p.name != pool.name)
+                .map(|p| p.name.as_str())
+                .collect();
+            return Err(ctx.error(
+                &path,
+                format!(
+                    "no pool named \"{fallback}\", expected one of: {}",
+                    if known.is_empty() {
+                        "(no other pools defined)".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn check_retries(n: u32, path: &str, ctx: &Ctx<'_>) -> Result<(), ConfigError> {

@@ -1,0 +1,320 @@
+//! One pool's view over its probers: each prober reports its backend's decided state (and,
+//! for a Postgres primary, its timeline); the arbiter applies the pool-wide rule (the
+//! split-brain guard of `role: primary` pools), then publishes every backend's final state
+//! to its [`BackendState`], logging and counting each change once and, with
+//! `on_backend_down: close_connections`, closing the open connections of a backend that
+//! stopped being eligible.
+
+use std::sync::{Arc, Mutex};
+
+use prometheus::IntCounter;
+use tracing::{error, info, warn};
+
+use crate::backend::{BackendState, DownReason, Health, HealthStatus};
+use crate::config::health::OnMultiplePrimaries;
+use crate::conn::CloseReason;
+use crate::metrics::HealthMetrics;
+
+/// A backend as the arbiter sees it.
+#[derive(Debug)]
+pub struct Slot {
+    pub name: Arc<str>,
+    pub state: Arc<BackendState>,
+    pub metrics: HealthMetrics,
+    /// What this backend's own checks decided (rise/fall applied).
+    decided: HealthStatus,
+    /// Timeline of a backend that reports itself primary (Postgres).
+    timeline: Option<u64>,
+    /// The last failure's detail, for the state-change log line.
+    detail: Option<String>,
+}
+
+impl Slot {
+    pub fn new(name: Arc<str>, state: Arc<BackendState>, metrics: HealthMetrics) -> Slot {
+        let decided = state.active_status();
+        Slot {
+            name,
+            state,
+            metrics,
+            decided,
+            timeline: None,
+            detail: None,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct PoolArbiter {
+    pool: Arc<str>,
+    /// Set for Postgres `role: primary` pools: what to do with several primaries.
+    split_brain: Option<OnMultiplePrimaries>,
+    close_on_down: bool,
+    split_brain_counter: IntCounter,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    slots: Vec<Slot>,
+    /// Whether several primaries are being refused right now (logged on each change).
+    split: bool,
+}
+
+impl PoolArbiter {
+    pub fn new(
+        pool: Arc<str>,
+        split_brain: Option<OnMultiplePrimaries>,
+        close_on_down: bool,
+        split_brain_counter: IntCounter,
+        slots: Vec<Slot>,
+    ) -> PoolArbiter {
+        PoolArbiter {
+            pool,
+            split_brain,
+            close_on_down,
+            split_brain_counter,
+            inner: Mutex::new(Inner {
+                slots,
+                split: false,
+            }),
+        }
+    }
+
+    /// Records backend `index`'s decided state and republishes the pool.
+    pub fn report(
+        &self,
+        index: usize,
+        decided: HealthStatus,
+        timeline: Option<u64>,
+        detail: Option<String>,
+    ) {
+        // A poisoned lock means a panic mid-update; the slots are still valid values.
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(slot) = inner.slots.get_mut(index) else {
+            return;
+        };
+        slot.decided = decided;
+        slot.timeline = if decided.health == Health::Up {
+            timeline
+        } else {
+            None
+        };
+        if detail.is_some() || decided.health != Health::Down {
+            slot.detail = detail;
+        }
+        let finals = self.resolve(&mut inner);
+        for (slot, status) in inner.slots.iter().zip(finals) {
+            self.publish(slot, status);
+        }
+    }
+
+    /// Final states: the decided ones, with the split-brain guard applied.
+    fn resolve(&self, inner: &mut Inner) -> Vec<HealthStatus> {
+        let mut finals: Vec<HealthStatus> = inner.slots.iter().map(|s| s.decided).collect();
+        let Some(policy) = self.split_brain else {
+            return finals;
+        };
+        let primaries: Vec<(usize, u64)> = inner
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.timeline.map(|t| (i, t)))
+            .collect();
+        // At startup no primary is trusted before every backend has answered once: the
+        // first to answer would otherwise take writes for a moment even if another, newer
+        // primary is about to report.
+        let pending = HealthStatus::down(DownReason::Pending);
+        let first_round = inner.slots.iter().any(|s| s.decided == pending)
+            && !inner
+                .slots
+                .iter()
+                .any(|s| s.state.active_status().health == Health::Up);
+        if first_round {
+            for (i, _) in &primaries {
+                finals[*i] = pending;
+            }
+            return finals;
+        }
+        let split = primaries.len() > 1;
+        if split {
+            let newest = primaries.iter().map(|(_, t)| *t).max().unwrap_or(0);
+            let at_newest = primaries.iter().filter(|(_, t)| *t == newest).count();
+            let winner = match policy {
+                OnMultiplePrimaries::NewestTimeline if at_newest == 1 => primaries
+                    .iter()
+                    .find(|(_, t)| *t == newest)
+                    .map(|(i, _)| *i),
+                _ => None,
+            };
+            for (i, _) in &primaries {
+                if Some(*i) != winner {
+                    finals[*i] = HealthStatus::down(DownReason::SplitBrain);
+                }
+            }
+            let listing: Vec<String> = primaries
+                .iter()
+                .map(|(i, t)| format!("{} (timeline {t})", inner.slots[*i].name))
+                .collect();
+            if !inner.split {
+                self.split_brain_counter.inc();
+                let chosen = winner.map(|i| inner.slots[i].name.to_string());
+                error!(
+                    pool = %self.pool,
+                    primaries = %listing.join(", "),
+                    policy = ?policy,
+                    routed_to = chosen.as_deref().unwrap_or("none"),
+                    "SPLIT BRAIN: more than one backend reports itself primary"
+                );
+            }
+        } else if inner.split {
+            warn!(pool = %self.pool, "split brain over: at most one primary remains");
+        }
+        inner.split = split;
+        finals
+    }
+
+    fn publish(&self, slot: &Slot, status: HealthStatus) {
+        let before = slot.state.active_status();
+        if before == status {
+            return;
+        }
+        slot.state.set_status(status);
+        slot.metrics.state_changed(status);
+        let detail = slot.detail.as_deref().unwrap_or("");
+        match status.health {
+            Health::Down => warn!(
+                pool = %self.pool,
+                backend = %slot.name,
+                from = %before.describe(),
+                to = %status.describe(),
+                detail,
+                "backend state changed"
+            ),
+            _ => info!(
+                pool = %self.pool,
+                backend = %slot.name,
+                from = %before.describe(),
+                to = %status.describe(),
+                detail,
+                "backend state changed"
+            ),
+        }
+        if self.close_on_down && before.health == Health::Up && status.health != Health::Up {
+            let open = slot.state.active();
+            slot.state.close_connections(CloseReason::BackendDown);
+            if open > 0 {
+                warn!(pool = %self.pool, backend = %slot.name, open_connections = open, "closing open connections (on_backend_down: close_connections)");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+
+    fn arbiter(policy: Option<OnMultiplePrimaries>, n: usize) -> (PoolArbiter, Metrics) {
+        let metrics = Metrics::new();
+        let slots = (0..n)
+            .map(|i| {
+                let name = format!("b{i}");
+                Slot::new(
+                    Arc::from(name.as_str()),
+                    Arc::new(BackendState::with_status(HealthStatus::down(
+                        DownReason::Pending,
+                    ))),
+                    metrics.health("p", &name, "postgres"),
+                )
+            })
+            .collect();
+        let a = PoolArbiter::new(
+            Arc::from("p"),
+            policy,
+            true,
+            metrics.split_brain("p"),
+            slots,
+        );
+        (a, metrics)
+    }
+
+    fn statuses(a: &PoolArbiter) -> Vec<HealthStatus> {
+        let inner = a.inner.lock().expect("lock");
+        inner
+            .slots
+            .iter()
+            .map(|s| s.state.active_status())
+            .collect()
+    }
+
+    const UP: HealthStatus = HealthStatus::UP;
+    fn sb() -> HealthStatus {
+        HealthStatus::down(DownReason::SplitBrain)
+    }
+
+    #[test]
+    fn newest_timeline_wins_and_ties_refuse_all() {
+        let (a, _m) = arbiter(Some(OnMultiplePrimaries::NewestTimeline), 3);
+        a.report(2, HealthStatus::down(DownReason::Unreachable), None, None);
+        a.report(0, UP, Some(1), None);
+        a.report(1, HealthStatus::STANDBY, None, None);
+        assert_eq!(statuses(&a)[0], UP);
+        // The replica is promoted while the old primary still runs.
+        a.report(1, UP, Some(2), None);
+        assert_eq!(statuses(&a)[..2], [sb(), UP]);
+        assert_eq!(a.split_brain_counter.get(), 1);
+        // A third, independent primary on the same timeline as the winner: a tie.
+        a.report(2, UP, Some(2), None);
+        assert_eq!(statuses(&a), vec![sb(), sb(), sb()]);
+        // The old primary goes away; the tie remains.
+        a.report(0, HealthStatus::down(DownReason::Unreachable), None, None);
+        assert_eq!(statuses(&a)[1..], [sb(), sb()]);
+        a.report(2, HealthStatus::down(DownReason::Unreachable), None, None);
+        assert_eq!(statuses(&a)[1], UP, "one primary left");
+        assert_eq!(a.split_brain_counter.get(), 1, "one episode, counted once");
+    }
+
+    #[test]
+    fn no_primary_before_every_backend_answered_once() {
+        let (a, _m) = arbiter(Some(OnMultiplePrimaries::NewestTimeline), 2);
+        a.report(0, UP, Some(1), None);
+        assert_eq!(
+            statuses(&a)[0],
+            HealthStatus::down(DownReason::Pending),
+            "backend 1 has not answered yet"
+        );
+        a.report(1, UP, Some(1), None);
+        assert_eq!(
+            statuses(&a),
+            vec![sb(), sb()],
+            "a tie, never a moment of one winner"
+        );
+    }
+
+    #[test]
+    fn reject_refuses_every_primary_until_one_remains() {
+        let (a, _m) = arbiter(Some(OnMultiplePrimaries::Reject), 2);
+        a.report(0, UP, Some(1), None);
+        a.report(1, UP, Some(2), None);
+        assert_eq!(statuses(&a), vec![sb(), sb()]);
+        a.report(0, HealthStatus::STANDBY, None, None);
+        assert_eq!(statuses(&a), vec![HealthStatus::STANDBY, UP]);
+    }
+
+    #[tokio::test]
+    async fn leaving_up_closes_connections() {
+        let (a, _m) = arbiter(None, 1);
+        a.report(0, UP, None, None);
+        let state = {
+            let inner = a.inner.lock().expect("lock");
+            Arc::clone(&inner.slots[0].state)
+        };
+        let mut rx = state.close_signal();
+        a.report(0, HealthStatus::STANDBY, None, None);
+        let reason = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv()).await;
+        assert_eq!(
+            reason.expect("close order"),
+            crate::conn::CloseReason::BackendDown
+        );
+    }
+}

@@ -1,0 +1,407 @@
+//! Active health checks. One prober task per (pool, backend), apart from the data path, each
+//! check bounded by its own `timeout`, so a hung backend never delays another's check or
+//! any connection. A prober feeds its results through the rise/fall [`machine`] to the
+//! pool's [`arbiter`], which applies the split-brain guard and publishes the final state to
+//! the backend's `BackendState` (read by the balancers, the metrics and the admin view).
+//!
+//! The [`Supervisor`] starts and stops probers from config snapshots: [`Supervisor::sync`]
+//! compares each pool's check settings and backends with what runs, keeps the probers of
+//! unchanged pools, and restarts the others. Backend state lives on across restarts.
+//! Check kinds: [`tcp`], [`postgres`], [`mongodb`], [`udp`] (udp and dns).
+
+pub mod arbiter;
+pub mod machine;
+pub mod mongodb;
+pub mod postgres;
+pub mod tcp;
+mod tls;
+pub mod udp;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::task::JoinHandle;
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::{BackendState, DownReason, Health, HealthStatus};
+use crate::clock;
+use crate::config::health::{CheckKind, HealthCheckConfig, PostgresRole};
+use crate::config::{OnBackendDown, PoolConfig};
+use crate::metrics::{HealthMetrics, Metrics};
+use crate::state::{Pool, Snapshot};
+use arbiter::{PoolArbiter, Slot};
+use machine::Machine;
+
+/// What one check found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observation {
+    pub status: HealthStatus,
+    /// Timeline of a Postgres server that reports itself primary.
+    pub timeline: Option<u64>,
+    /// Why it failed (or which role it has), for the state-change log.
+    pub detail: Option<String>,
+}
+
+impl Observation {
+    pub fn up() -> Observation {
+        Observation::with(HealthStatus::UP, None, None)
+    }
+
+    pub fn down(reason: DownReason, detail: String) -> Observation {
+        Observation::with(HealthStatus::down(reason), None, Some(detail))
+    }
+
+    pub fn with(
+        status: HealthStatus,
+        timeline: Option<u64>,
+        detail: Option<String>,
+    ) -> Observation {
+        Observation {
+            status,
+            timeline,
+            detail,
+        }
+    }
+}
+
+/// Down reason for a socket error.
+pub fn io_reason(e: &io::Error) -> DownReason {
+    match e.kind() {
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => DownReason::Timeout,
+        io::ErrorKind::InvalidData => DownReason::CheckError,
+        _ => DownReason::Unreachable,
+    }
+}
+
+/// The state a backend first seen in `pool` starts in: down (pending) until its checks
+/// pass `rise` times, unless the pool has no check or says `initial_state: up`.
+pub fn initial_status(pool: &PoolConfig) -> HealthStatus {
+    match &pool.health_check {
+        Some(h) if !h.initial_up => HealthStatus::down(DownReason::Pending),
+        _ => HealthStatus::UP,
+    }
+}
+
+/// What a pool's probers were started from; a change restarts them.
+#[derive(Debug, Clone, PartialEq)]
+struct PoolSpec {
+    check: Option<HealthCheckConfig>,
+    on_backend_down: OnBackendDown,
+    backends: Vec<(String, SocketAddr)>,
+}
+
+impl PoolSpec {
+    fn of(pool: &Pool) -> PoolSpec {
+        PoolSpec {
+            check: pool.config.health_check.clone(),
+            on_backend_down: pool.config.on_backend_down,
+            backends: pool
+                .backends
+                .iter()
+                .map(|b| (b.name.to_string(), b.addr.0))
+                .collect(),
+        }
+    }
+}
+
+struct RunningPool {
+    spec: PoolSpec,
+    /// The backend states the probers write (a rebuild carries the same ones).
+    states: Vec<Arc<BackendState>>,
+    cancel: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningPool {
+    fn stop(&self) {
+        self.cancel.cancel();
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Starts, keeps and stops the probers of a running balancer.
+#[derive(Default)]
+pub struct Supervisor {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    running: bool,
+    pools: HashMap<String, RunningPool>,
+}
+
+impl std::fmt::Debug for Supervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        f.debug_struct("Supervisor")
+            .field("running", &inner.running)
+            .field("pools", &inner.pools.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Supervisor {
+    pub fn new() -> Supervisor {
+        Supervisor::default()
+    }
+
+    /// Starts probing `snapshot` (called once the server runs, inside the runtime).
+    pub fn start(&self, snapshot: &Snapshot, metrics: &Metrics) {
+        self.lock().running = true;
+        self.sync(snapshot, metrics);
+    }
+
+    /// Brings the probers in line with `snapshot`: pools whose check settings or backends
+    /// changed are restarted, removed ones stopped, unchanged ones left running. Does
+    /// nothing before [`Supervisor::start`] or after [`Supervisor::stop`]. Must be called
+    /// inside the tokio runtime (reload calls it through `Shared::publish`).
+    pub fn sync(&self, snapshot: &Snapshot, metrics: &Metrics) {
+        let mut inner = self.lock();
+        if !inner.running {
+            return;
+        }
+        inner.pools.retain(|name, running| {
+            let keep = snapshot.pools.contains_key(name);
+            if !keep {
+                running.stop();
+            }
+            keep
+        });
+        for (name, pool) in &snapshot.pools {
+            let spec = PoolSpec::of(pool);
+            let states: Vec<Arc<BackendState>> =
+                pool.backends.iter().map(|b| Arc::clone(&b.state)).collect();
+            if let Some(running) = inner.pools.get(name) {
+                let same_states = running
+                    .states
+                    .iter()
+                    .zip(&states)
+                    .all(|(a, b)| Arc::ptr_eq(a, b));
+                if running.spec == spec && same_states {
+                    continue;
+                }
+                running.stop();
+            }
+            if spec.check.is_none() {
+                // No active check (any more): only the passive breaker and the admin state
+                // decide, so nothing may stay down on an old check's word.
+                for s in &states {
+                    s.set_status(HealthStatus::UP);
+                }
+            }
+            let running = spawn_pool(pool, spec, states, metrics);
+            inner.pools.insert(name.clone(), running);
+        }
+    }
+
+    /// Stops every prober; later syncs do nothing.
+    pub fn stop(&self) {
+        let mut inner = self.lock();
+        inner.running = false;
+        for (_, running) in inner.pools.drain() {
+            running.stop();
+        }
+    }
+
+    /// Number of prober tasks running (for tests and the admin view).
+    pub fn probers(&self) -> usize {
+        self.lock()
+            .pools
+            .values()
+            .map(|p| p.tasks.iter().filter(|t| !t.is_finished()).count())
+            .sum()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A poisoned lock means a panic mid-sync; the map itself is still usable.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn spawn_pool(
+    pool: &Pool,
+    spec: PoolSpec,
+    states: Vec<Arc<BackendState>>,
+    metrics: &Metrics,
+) -> RunningPool {
+    let cancel = CancellationToken::new();
+    let mut tasks = Vec::new();
+    if let Some(check) = &spec.check {
+        let pool_name: Arc<str> = Arc::from(pool.config.name.as_str());
+        let split_brain = match &check.kind {
+            CheckKind::Postgres(pg) if pg.role == PostgresRole::Primary => {
+                Some(pg.on_multiple_primaries)
+            }
+            _ => None,
+        };
+        let slot_metrics: Vec<HealthMetrics> = pool
+            .backends
+            .iter()
+            .map(|b| metrics.health(&pool.config.name, &b.name, check.kind.name()))
+            .collect();
+        let slots = pool
+            .backends
+            .iter()
+            .zip(slot_metrics.iter().cloned())
+            .map(|(b, m)| Slot::new(Arc::clone(&b.name), Arc::clone(&b.state), m))
+            .collect();
+        let arbiter = Arc::new(PoolArbiter::new(
+            Arc::clone(&pool_name),
+            split_brain,
+            spec.on_backend_down == OnBackendDown::CloseConnections,
+            metrics.split_brain(&pool.config.name),
+            slots,
+        ));
+        for (index, (backend, m)) in pool.backends.iter().zip(slot_metrics).enumerate() {
+            let prober = Prober {
+                pool: Arc::clone(&pool_name),
+                backend: Arc::clone(&backend.name),
+                addr: backend.addr.0,
+                index,
+                check: check.clone(),
+                state: Arc::clone(&backend.state),
+                arbiter: Arc::clone(&arbiter),
+                metrics: m,
+                cancel: cancel.clone(),
+            };
+            tasks.push(tokio::spawn(prober.run()));
+        }
+    }
+    RunningPool {
+        spec,
+        states,
+        cancel,
+        tasks,
+    }
+}
+
+/// The check of one backend, by kind.
+enum Probe {
+    Tcp(SocketAddr),
+    Postgres(Box<postgres::Probe>),
+    Mongodb(mongodb::Probe),
+    Udp(SocketAddr, crate::config::health::UdpCheck),
+    Dns(SocketAddr, crate::config::health::DnsCheck),
+}
+
+impl Probe {
+    fn new(addr: SocketAddr, check: &HealthCheckConfig) -> Probe {
+        match &check.kind {
+            CheckKind::Tcp => Probe::Tcp(addr),
+            CheckKind::Postgres(pg) => Probe::Postgres(Box::new(postgres::Probe::new(
+                addr,
+                Arc::new(pg.clone()),
+                check.timeout,
+            ))),
+            CheckKind::Mongodb(m) => Probe::Mongodb(mongodb::Probe::new(addr, m.clone())),
+            CheckKind::Udp(u) => Probe::Udp(addr, u.clone()),
+            CheckKind::Dns(d) => Probe::Dns(addr, d.clone()),
+        }
+    }
+
+    async fn check(&mut self) -> Observation {
+        match self {
+            Probe::Tcp(addr) => tcp::check(*addr).await,
+            Probe::Postgres(p) => p.check().await,
+            Probe::Mongodb(p) => p.check().await,
+            Probe::Udp(addr, u) => udp::check_udp(*addr, u).await,
+            Probe::Dns(addr, d) => udp::check_dns(*addr, d).await,
+        }
+    }
+
+    /// Drops any connection kept between checks (after a timeout cut a check short).
+    fn reset(&mut self) {
+        match self {
+            Probe::Postgres(p) => p.reset(),
+            Probe::Mongodb(p) => p.reset(),
+            Probe::Tcp(_) | Probe::Udp(..) | Probe::Dns(..) => {}
+        }
+    }
+}
+
+struct Prober {
+    pool: Arc<str>,
+    backend: Arc<str>,
+    addr: SocketAddr,
+    index: usize,
+    check: HealthCheckConfig,
+    state: Arc<BackendState>,
+    arbiter: Arc<PoolArbiter>,
+    metrics: HealthMetrics,
+    cancel: CancellationToken,
+}
+
+impl Prober {
+    async fn run(self) {
+        let mut probe = Probe::new(self.addr, &self.check);
+        // Start from what the backend is now (pending when new), so a restart after a
+        // reload neither flaps a healthy backend nor trusts a failing one. A split-brain
+        // verdict is the arbiter's, not this backend's own result.
+        let mut start = self.state.active_status();
+        if start.reason == Some(DownReason::SplitBrain) {
+            start = HealthStatus::UP;
+        }
+        let mut machine = Machine::new(self.check.rise, self.check.fall, start);
+        let mut last_timeline = None;
+        let mut ticker = tokio::time::interval(self.check.interval);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        tracing::debug!(pool = %self.pool, backend = %self.backend, check = self.check.kind.name(), "prober started");
+        loop {
+            tokio::select! {
+                biased;
+                () = self.cancel.cancelled() => break,
+                _ = ticker.tick() => {}
+            }
+            let started = Instant::now();
+            let observed = tokio::select! {
+                biased;
+                () = self.cancel.cancelled() => break,
+                r = tokio::time::timeout(self.check.timeout, probe.check()) => r,
+            };
+            let observation = match observed {
+                Ok(o) => o,
+                Err(_) => {
+                    probe.reset();
+                    Observation::down(
+                        DownReason::Timeout,
+                        format!(
+                            "no answer within {}",
+                            humantime::format_duration(self.check.timeout)
+                        ),
+                    )
+                }
+            };
+            let took = started.elapsed();
+            self.metrics.check_duration.observe(took.as_secs_f64());
+            self.metrics.check_result(observation.status);
+            self.state
+                .record_check(clock::now_ms(), took.as_micros() as u64, observation.status);
+            let decided = machine.observe(observation.status);
+            tracing::trace!(pool = %self.pool, backend = %self.backend, result = %observation.status.describe(), decided = %decided.describe(), "check");
+            if observation.timeline.is_some() {
+                last_timeline = observation.timeline;
+            }
+            let timeline = if decided.health == Health::Up {
+                last_timeline
+            } else {
+                None
+            };
+            self.arbiter
+                .report(self.index, decided, timeline, observation.detail);
+        }
+        tracing::debug!(pool = %self.pool, backend = %self.backend, "prober stopped");
+    }
+}

@@ -1,0 +1,273 @@
+//! The `postgres` check: a real protocol login (trust, md5 or SCRAM-SHA-256, optionally over
+//! TLS) with tokio-postgres, kept open between checks and re-opened after any error, then
+//! one query for the server's role, its timeline (on a primary) and its replay lag (on a
+//! replica). The role is matched against the pool's: a healthy server in the other role is
+//! `standby`, not down. TLS does not verify the server certificate: a health check only
+//! needs the server's answers, and the data path never goes through this connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+
+use super::Observation;
+use crate::backend::{DownReason, HealthStatus};
+use crate::config::health::{PostgresCheck, PostgresRole, SslMode};
+
+/// Role, timeline and lag in one round trip. The timeline of a primary is read from the
+/// name of its current WAL file, which changes the moment a promotion ends (the timeline in
+/// `pg_control_checkpoint()` only follows at the next checkpoint). Lag is 0 when the
+/// replica has replayed everything it received, as `now() - last replay` then only measures
+/// how quiet the primary is; it is also 0 while the replica has replayed no commit since it
+/// started, when there is no timestamp to measure from.
+const ROLE_QUERY: &str = "SELECT pg_is_in_recovery(), \
+     CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_walfile_name(pg_current_wal_lsn()) END, \
+     CASE WHEN NOT pg_is_in_recovery() THEN NULL \
+          WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() \
+            OR pg_last_xact_replay_timestamp() IS NULL THEN 0 \
+          ELSE GREATEST(EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()), 0) END";
+
+/// One backend's monitoring connection.
+pub struct Probe {
+    addr: SocketAddr,
+    check: Arc<PostgresCheck>,
+    config: tokio_postgres::Config,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    conn: Option<(Client, JoinHandle<()>)>,
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.reset();
+    }
+}
+
+impl Probe {
+    pub fn new(addr: SocketAddr, check: Arc<PostgresCheck>, timeout: Duration) -> Probe {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(addr.ip().to_string())
+            .port(addr.port())
+            .user(&check.user)
+            .dbname(&check.database)
+            .application_name("switchyard-health")
+            .connect_timeout(timeout)
+            .ssl_mode(match check.sslmode {
+                SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+                SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+                SslMode::Require => tokio_postgres::config::SslMode::Require,
+            });
+        if let Some(p) = &check.password {
+            config.password(p.expose());
+        }
+        let tls = (check.sslmode != SslMode::Disable)
+            .then(|| tokio_postgres_rustls::MakeRustlsConnect::new(super::tls::client_config()));
+        Probe {
+            addr,
+            check,
+            config,
+            tls,
+            conn: None,
+        }
+    }
+
+    /// Forgets the monitoring connection (after an error or a timeout).
+    pub fn reset(&mut self) {
+        if let Some((_, task)) = self.conn.take() {
+            task.abort();
+        }
+    }
+
+    pub async fn check(&mut self) -> Observation {
+        if self.conn.as_ref().is_some_and(|(c, _)| c.is_closed()) {
+            self.reset();
+        }
+        if self.conn.is_none() {
+            match self.connect().await {
+                Ok(conn) => self.conn = Some(conn),
+                Err(e) => return Observation::down(classify(&e), format!("login: {}", text(&e))),
+            }
+        }
+        let Some((client, _)) = &self.conn else {
+            return Observation::down(DownReason::Unreachable, "no connection".to_string());
+        };
+        let result = client.simple_query(ROLE_QUERY).await;
+        match result {
+            Ok(messages) => match parse_row(&messages) {
+                Some(row) => self.judge(row),
+                None => {
+                    self.reset();
+                    Observation::down(
+                        DownReason::CheckError,
+                        "unexpected answer to the role query".to_string(),
+                    )
+                }
+            },
+            Err(e) => {
+                self.reset();
+                Observation::down(classify(&e), format!("role query: {}", text(&e)))
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<(Client, JoinHandle<()>), tokio_postgres::Error> {
+        let addr = self.addr;
+        let on_end = move |e: tokio_postgres::Error| {
+            tracing::debug!(backend = %addr, error = %e, "monitoring connection ended");
+        };
+        match &self.tls {
+            None => {
+                let (client, connection) = self.config.connect(NoTls).await?;
+                let task = tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        on_end(e);
+                    }
+                });
+                Ok((client, task))
+            }
+            Some(tls) => {
+                let (client, connection) = self.config.connect(tls.clone()).await?;
+                let task = tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        on_end(e);
+                    }
+                });
+                Ok((client, task))
+            }
+        }
+    }
+
+    fn judge(&self, row: Row) -> Observation {
+        let want = self.check.role;
+        if !row.in_recovery {
+            return match want {
+                PostgresRole::Replica => Observation::with(
+                    HealthStatus::STANDBY,
+                    None,
+                    Some("primary, and this pool wants replicas".into()),
+                ),
+                _ => Observation::with(HealthStatus::UP, row.timeline, None),
+            };
+        }
+        if want == PostgresRole::Primary {
+            return Observation::with(
+                HealthStatus::STANDBY,
+                None,
+                Some("replica, and this pool wants the primary".into()),
+            );
+        }
+        match self.check.max_replication_lag {
+            Some(max) if row.lag_seconds > max.as_secs_f64() => Observation::down(
+                DownReason::Lagging,
+                format!(
+                    "replication lag {:.1}s is above max_replication_lag {}",
+                    row.lag_seconds,
+                    humantime::format_duration(max)
+                ),
+            ),
+            _ => Observation::up(),
+        }
+    }
+}
+
+struct Row {
+    in_recovery: bool,
+    timeline: Option<u64>,
+    lag_seconds: f64,
+}
+
+fn parse_row(messages: &[SimpleQueryMessage]) -> Option<Row> {
+    let row = messages.iter().find_map(|m| match m {
+        SimpleQueryMessage::Row(r) => Some(r),
+        _ => None,
+    })?;
+    let in_recovery = match row.try_get(0).ok()?? {
+        "t" => true,
+        "f" => false,
+        _ => return None,
+    };
+    let timeline = match row.try_get(1).ok()? {
+        Some(walfile) => Some(timeline_of(walfile)?),
+        None => None,
+    };
+    let lag_seconds = match row.try_get(2).ok()? {
+        Some(text) => text.parse().ok()?,
+        None => 0.0,
+    };
+    Some(Row {
+        in_recovery,
+        timeline,
+        lag_seconds,
+    })
+}
+
+/// The timeline from a WAL file name (`00000002000000000000000A` is timeline 2).
+pub fn timeline_of(walfile: &str) -> Option<u64> {
+    u64::from_str_radix(walfile.get(..8)?, 16).ok()
+}
+
+/// The error with its causes ("invalid configuration: password missing"); tokio-postgres
+/// prints only the outermost one.
+fn text(e: &tokio_postgres::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// Maps a failed login or query to a down reason.
+fn classify(e: &tokio_postgres::Error) -> DownReason {
+    if let Some(code) = e.code() {
+        return if *code == SqlState::INVALID_PASSWORD
+            || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+        {
+            DownReason::AuthFailed
+        } else if *code == SqlState::ADMIN_SHUTDOWN
+            || *code == SqlState::CRASH_SHUTDOWN
+            || *code == SqlState::CANNOT_CONNECT_NOW
+            || *code == SqlState::TOO_MANY_CONNECTIONS
+        {
+            DownReason::Unreachable
+        } else {
+            DownReason::CheckError
+        };
+    }
+    let text = text(e);
+    if text.contains("password missing") {
+        // The server asked for a password and none is configured.
+        return DownReason::AuthFailed;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return super::io_reason(io);
+        }
+        source = s.source();
+    }
+    if text.contains("timeout") {
+        DownReason::Timeout
+    } else if e.is_closed() || text.contains("connection") {
+        DownReason::Unreachable
+    } else {
+        DownReason::CheckError
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timelines_from_wal_file_names() {
+        assert_eq!(timeline_of("00000002000000000000000A"), Some(2));
+        assert_eq!(timeline_of("0000001F0000000000000001"), Some(31));
+        assert_eq!(timeline_of("zz"), None);
+    }
+}
