@@ -503,6 +503,8 @@ impl Metrics {
     }
 
     pub fn pool(&self, pool: &str) -> PoolMetrics {
+        // Exported at 0 from the start, so alerts on increase() see the first split brain.
+        self.pool_split_brain.with_label_values(&[pool]);
         PoolMetrics {
             retries: self.pool_retries.with_label_values(&[pool]),
             fallback: self.pool_fallback.with_label_values(&[pool]),

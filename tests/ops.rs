@@ -130,7 +130,18 @@ async fn health_ready_status_and_page_are_served() {
 #[tokio::test]
 async fn metrics_export_exactly_the_names_in_metrics_rs() {
     let a = Backend::start("a").await;
-    let lb = Balancer::start(&config(&[("a", a.addr, 1)], "")).await;
+    // With an active check, so its duration and result families have samples too.
+    let yaml = config(&[("a", a.addr, 1)], "").replace(
+        "  - name: p\n",
+        "  - name: p\n    health_check: { type: tcp, interval: 100ms, timeout: 100ms, initial_state: up }\n",
+    );
+    let lb = Balancer::start(&yaml).await;
+    wait_for("first health check", || {
+        lb.shared
+            .backend_state("p", "a")
+            .is_some_and(|s| s.last_check().is_some())
+    })
+    .await;
     let admin = lb.admin.unwrap();
     let mut s = TcpStream::connect(lb.addr("l")).await.unwrap();
     let (name, mut reader) = greet(s).await;

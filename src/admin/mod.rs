@@ -8,7 +8,7 @@
 //! set, and a JSON content type always, so a cross-site form cannot post to a loopback
 //! admin port.
 
-mod exporter;
+pub mod exporter;
 mod page;
 pub mod status;
 

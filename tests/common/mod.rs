@@ -179,7 +179,12 @@ impl Balancer {
     /// Sum of a counter family's samples whose labels include all of `labels`.
     pub fn counter(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
         let mut total = 0.0;
-        for family in self.shared.metrics.registry.gather() {
+        // The registry's families plus those read from live state at scrape time.
+        let mut families = self.shared.metrics.registry.gather();
+        families.extend(switchyard::admin::exporter::backend_families(
+            &self.shared.snapshot(),
+        ));
+        for family in families {
             if family.get_name() != name {
                 continue;
             }
