@@ -17,6 +17,7 @@ use crate::clock;
 use crate::config::{HashKey, MAX_RETRIES};
 use crate::forward::{self, ByteCounters};
 use crate::hash::hash64;
+use crate::route;
 use crate::state::{Pool, Route, Shared};
 
 /// Why a connection ended: a bounded set, used as a metric label and in the close log.
@@ -38,10 +39,15 @@ pub enum CloseReason {
     NoBackend,
     /// The balancer is shutting down and the grace period ended.
     Shutdown,
+    /// The routing step closed it before any backend (ACL, PROXY header, ClientHello, no
+    /// route); the metric `switchyard_listener_connections_rejected_total` says why.
+    Refused,
+    /// The backend broke the protocol before forwarding (declined the Postgres SSLRequest).
+    BackendProtocol,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 8] = [
+    pub const ALL: [CloseReason; 10] = [
         CloseReason::ClientClosed,
         CloseReason::BackendClosed,
         CloseReason::ClientReset,
@@ -50,6 +56,8 @@ impl CloseReason {
         CloseReason::ConnectFailed,
         CloseReason::NoBackend,
         CloseReason::Shutdown,
+        CloseReason::Refused,
+        CloseReason::BackendProtocol,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -62,6 +70,8 @@ impl CloseReason {
             CloseReason::ConnectFailed => "connect_failed",
             CloseReason::NoBackend => "no_backend",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::Refused => "refused",
+            CloseReason::BackendProtocol => "backend_protocol",
         }
     }
 }
@@ -90,13 +100,30 @@ pub async fn serve(
         debug!(listener = %ctx.name, client = %peer, "listener no longer configured; closing");
         return;
     };
-    let client_addr = ClientAddr(peer);
     route.metrics.active.inc();
     let _ = client.set_nodelay(true);
 
-    let pool = &route.pool;
-    let (reason, backend, bytes) = match connect(pool, hash_key(pool.hash_key(), client_addr)).await
-    {
+    let prepared = match route::prepare(&client, peer, route).await {
+        Ok(prepared) => prepared,
+        Err((refusal, client)) => {
+            route.metrics.refused(refusal).inc();
+            route.metrics.active.dec();
+            route.metrics.closed(CloseReason::Refused).inc();
+            info!(
+                listener = %route.config.name,
+                client = %client,
+                duration_ms = started.elapsed().as_millis() as u64,
+                reason = CloseReason::Refused.as_str(),
+                refused = refusal.as_str(),
+                "connection closed"
+            );
+            return;
+        }
+    };
+    let client_addr = prepared.client;
+    let pool = prepared.pool.as_ref().unwrap_or(&route.pool);
+    let key = hash_key(pool.hash_key(), client_addr, prepared.sni());
+    let (reason, backend, bytes) = match connect(pool, key).await {
         Err(reason) => (reason, None, (0, 0)),
         Ok((index, stream)) => {
             let backend = &pool.backends[index];
@@ -106,26 +133,34 @@ pub async fn serve(
                 from_client: route.metrics.bytes_from_clients.clone(),
                 to_client: route.metrics.bytes_to_clients.clone(),
             };
-            let out = forward::forward(
-                &client,
-                &stream,
-                route.config.idle_timeout,
-                &ctx.close_all,
-                &counters,
-            )
-            .await;
-            (
-                out.reason,
-                Some(backend.addr),
-                (out.bytes_from_client, out.bytes_to_client),
-            )
+            match route::handshake_backend(&stream, &prepared, pool.config.connect_timeout).await {
+                Err(reason) => (reason, Some(backend.addr), (0, 0)),
+                Ok(()) => {
+                    let replayed = prepared.replay.len() as u64;
+                    counters.from_client.inc_by(replayed);
+                    let out = forward::forward(
+                        &client,
+                        &stream,
+                        route.config.idle_timeout,
+                        &ctx.close_all,
+                        &counters,
+                    )
+                    .await;
+                    (
+                        out.reason,
+                        Some(backend.addr),
+                        (out.bytes_from_client + replayed, out.bytes_to_client),
+                    )
+                }
+            }
         }
     };
     route.metrics.active.dec();
     route.metrics.closed(reason).inc();
     log_close(
         route,
-        client_addr,
+        pool,
+        &prepared,
         backend.map(|b| b.to_string()),
         bytes,
         started,
@@ -135,7 +170,8 @@ pub async fn serve(
 
 fn log_close(
     route: &Route,
-    client: ClientAddr,
+    pool: &Pool,
+    prepared: &route::Prepared,
     backend: Option<String>,
     (from_client, to_client): (u64, u64),
     started: Instant,
@@ -143,8 +179,10 @@ fn log_close(
 ) {
     info!(
         listener = %route.config.name,
-        client = %client,
-        pool = %route.pool.config.name,
+        client = %prepared.client,
+        pool = %pool.config.name,
+        sni = prepared.sni().unwrap_or("-"),
+        alpn = prepared.hello.as_ref().map(|h| h.alpn_list()).as_deref().unwrap_or("-"),
         backend = backend.as_deref().unwrap_or("-"),
         bytes_from_client = from_client,
         bytes_to_client = to_client,
@@ -154,7 +192,10 @@ fn log_close(
     );
 }
 
-fn hash_key(kind: HashKey, client: ClientAddr) -> u64 {
+fn hash_key(kind: HashKey, client: ClientAddr, sni: Option<&str>) -> u64 {
+    if let (HashKey::Sni, Some(name)) = (kind, sni) {
+        return hash64(name.as_bytes());
+    }
     let mut bytes = [0u8; 18];
     let len = match client.0.ip() {
         std::net::IpAddr::V4(ip) => {
@@ -167,7 +208,7 @@ fn hash_key(kind: HashKey, client: ClientAddr) -> u64 {
         }
     };
     match kind {
-        HashKey::ClientIp => hash64(&bytes[..len]),
+        HashKey::ClientIp | HashKey::Sni => hash64(&bytes[..len]),
         HashKey::ClientIpPort => {
             bytes[len..len + 2].copy_from_slice(&client.0.port().to_be_bytes());
             hash64(&bytes[..len + 2])
@@ -242,17 +283,30 @@ mod tests {
         let a = ClientAddr("10.0.0.1:1000".parse().expect("addr"));
         let b = ClientAddr("10.0.0.1:2000".parse().expect("addr"));
         assert_eq!(
-            hash_key(HashKey::ClientIp, a),
-            hash_key(HashKey::ClientIp, b)
+            hash_key(HashKey::ClientIp, a, None),
+            hash_key(HashKey::ClientIp, b, None)
         );
         assert_ne!(
-            hash_key(HashKey::ClientIpPort, a),
-            hash_key(HashKey::ClientIpPort, b)
+            hash_key(HashKey::ClientIpPort, a, None),
+            hash_key(HashKey::ClientIpPort, b, None)
         );
         let v6 = ClientAddr("[::1]:1000".parse().expect("addr"));
         assert_ne!(
-            hash_key(HashKey::ClientIp, a),
-            hash_key(HashKey::ClientIp, v6)
+            hash_key(HashKey::ClientIp, a, None),
+            hash_key(HashKey::ClientIp, v6, None)
+        );
+        // SNI: one name, one key whoever connects; no name falls back to the client IP.
+        assert_eq!(
+            hash_key(HashKey::Sni, a, Some("db.example.com")),
+            hash_key(HashKey::Sni, v6, Some("db.example.com"))
+        );
+        assert_ne!(
+            hash_key(HashKey::Sni, a, Some("db.example.com")),
+            hash_key(HashKey::Sni, a, Some("api.example.com"))
+        );
+        assert_eq!(
+            hash_key(HashKey::Sni, a, None),
+            hash_key(HashKey::ClientIp, a, None)
         );
     }
 

@@ -4,20 +4,28 @@
 //! Module map: `config` (file → validated config), `state` (snapshot + live backend state),
 //! `backend` (identity, atomics, passive breaker), `balance` (selection algorithms),
 //! `listener` (bind/accept), `conn` (one connection), `forward` (the byte path),
-//! `metrics` (names and handles), `server` (start and graceful stop).
+//! `metrics` (names and handles), `server` (start and graceful stop), `route` (PROXY
+//! header, ACL, TLS passthrough by SNI before the balancer) over the pure parsers `acl`,
+//! `proxy_protocol` and `tls`.
 
+pub mod acl;
 pub mod backend;
 pub mod balance;
 pub mod clock;
 pub mod config;
 pub mod conn;
 pub mod forward;
+#[doc(hidden)]
+pub mod fuzz_checks;
 pub mod hash;
 pub mod listener;
 pub mod log;
 pub mod metrics;
+pub mod proxy_protocol;
+pub mod route;
 pub mod server;
 pub mod state;
+pub mod tls;
 
 pub use config::Config;
 pub use server::{run, Server};
