@@ -75,10 +75,14 @@ pub fn summary(config: &Config) -> String {
     for l in &config.listeners {
         let _ = writeln!(
             out,
-            "  {:<16} {:<24} -> pool {} (max_connections {}, idle_timeout {}{})",
+            "  {:<16} {:<24} -> {} (max_connections {}, idle_timeout {}{})",
             l.name,
             l.bind.to_string(),
-            l.pool,
+            if l.tls_passthrough.is_some() {
+                "pools by SNI".to_string()
+            } else {
+                format!("pool {}", l.pool)
+            },
             l.max_connections,
             humantime::format_duration(l.idle_timeout),
             if l.reuse_port {
@@ -153,7 +157,12 @@ fn summarize_routing(out: &mut String, l: &config::ListenerConfig) {
         );
     }
     if let Some(v) = l.proxy_protocol.version() {
-        let _ = writeln!(out, "    proxy_protocol {v:?} to backends");
+        let v = if v == switchyard::proxy_protocol::Version::V1 {
+            "v1"
+        } else {
+            "v2"
+        };
+        let _ = writeln!(out, "    proxy_protocol {v} to backends");
     }
     if let Some(a) = &l.accept_proxy_protocol {
         let from: Vec<String> = a.from.iter().map(|c| c.to_string()).collect();

@@ -106,6 +106,51 @@ pools:
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_clients_get_tcp6_headers() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("\n\n*** SKIPPED: no IPv6 loopback (::1) ***\n");
+        return;
+    }
+    let backend = Capture::start().await;
+    let yaml = format!(
+        "listeners:
+  - {{ name: v1, bind: \"[::1]:0\", pool: p, proxy_protocol: v1 }}
+  - {{ name: v2, bind: \"[::1]:0\", pool: p, proxy_protocol: v2 }}
+pools:
+  - {{ name: p, backends: [{{ address: \"{}\" }}] }}
+",
+        backend.addr
+    );
+    let lb = Balancer::start(&yaml).await;
+    for (listener, version) in [("v1", Version::V1), ("v2", Version::V2)] {
+        let addr = lb.addr(listener);
+        let mut s = within("connect", TcpStream::connect(addr))
+            .await
+            .expect("connect");
+        let client = s.local_addr().expect("local");
+        s.write_all(b"six").await.expect("write");
+        s.shutdown().await.expect("shutdown");
+        let seen = read_to_end(&mut s).await;
+        let mut wanted = proxy_protocol::encode(version, &tcp(client, addr));
+        wanted.extend_from_slice(b"six");
+        assert_eq!(seen, wanted, "{listener}");
+        if version == Version::V1 {
+            assert!(
+                seen.starts_with(b"PROXY TCP6 ::1 ::1 "),
+                "{}",
+                String::from_utf8_lossy(&seen)
+            );
+        } else {
+            assert_eq!(
+                &seen[12..16],
+                &[0x21, 0x21, 0x00, 0x24],
+                "PROXY, TCP over IPv6, 36 bytes"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nginx_reads_our_v1_and_v2_headers() {
     let nginx = std::path::Path::new("/usr/sbin/nginx");
     if !nginx.exists() {
