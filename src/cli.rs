@@ -79,10 +79,14 @@ pub fn summary(config: &Config) -> String {
     for l in &config.listeners {
         let _ = writeln!(
             out,
-            "  {:<16} {:<24} -> pool {} (max_connections {}, idle_timeout {}{})",
+            "  {:<16} {:<24} -> {} (max_connections {}, idle_timeout {}{})",
             l.name,
             l.bind.to_string(),
-            l.pool,
+            if l.tls_passthrough.is_some() {
+                "pools by SNI".to_string()
+            } else {
+                format!("pool {}", l.pool)
+            },
             l.max_connections,
             humantime::format_duration(l.idle_timeout),
             if l.reuse_port {
@@ -91,6 +95,7 @@ pub fn summary(config: &Config) -> String {
                 String::new()
             }
         );
+        summarize_routing(&mut out, l);
     }
     let _ = writeln!(out, "pools:");
     for p in &config.pools {
@@ -150,4 +155,68 @@ pub fn summary(config: &Config) -> String {
         let _ = writeln!(out, "note: pool \"{unused}\" is not used by any listener");
     }
     out
+}
+
+/// The TLS routes, PROXY protocol and ACL of a listener, one line each.
+fn summarize_routing(out: &mut String, l: &config::ListenerConfig) {
+    if let Some(t) = &l.tls_passthrough {
+        for r in &t.routes {
+            let names: Vec<String> = r
+                .sni
+                .iter()
+                .map(|p| match p {
+                    config::SniPattern::Exact(n) => n.clone(),
+                    config::SniPattern::Wildcard(n) => format!("*.{n}"),
+                })
+                .collect();
+            let alpn = if r.alpn.is_empty() {
+                String::new()
+            } else {
+                let list: Vec<String> = r
+                    .alpn
+                    .iter()
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect();
+                format!(" alpn {}", list.join(","))
+            };
+            let _ = writeln!(out, "    sni {}{alpn} -> pool {}", names.join(","), r.pool);
+        }
+        let _ = writeln!(
+            out,
+            "    tls passthrough: default pool {}, client_hello_timeout {}{}",
+            t.default_pool.as_deref().unwrap_or("none (close)"),
+            humantime::format_duration(t.client_hello_timeout),
+            match (t.postgres, t.require_tls) {
+                (true, true) => ", postgres, TLS required",
+                (true, false) => ", postgres",
+                _ => "",
+            }
+        );
+    }
+    if let Some(v) = l.proxy_protocol.version() {
+        let v = if v == switchyard::proxy_protocol::Version::V1 {
+            "v1"
+        } else {
+            "v2"
+        };
+        let _ = writeln!(out, "    proxy_protocol {v} to backends");
+    }
+    if let Some(a) = &l.accept_proxy_protocol {
+        let from: Vec<String> = a.from.iter().map(|c| c.to_string()).collect();
+        let _ = writeln!(out, "    accepts PROXY headers from {}", from.join(", "));
+    }
+    if !l.acl.is_empty() {
+        let list = |v: &[switchyard::acl::Cidr]| {
+            v.iter()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let _ = writeln!(
+            out,
+            "    allow [{}] deny [{}]",
+            list(&l.acl.allow),
+            list(&l.acl.deny)
+        );
+    }
 }

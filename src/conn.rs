@@ -18,6 +18,7 @@ use crate::clock;
 use crate::config::{HashKey, OnBackendDown, MAX_RETRIES};
 use crate::forward::{self, ByteCounters};
 use crate::hash::hash64;
+use crate::route;
 use crate::state::{Pool, Route, Shared};
 
 /// Why a connection ended: a bounded set, used as a metric label and in the close log.
@@ -44,10 +45,15 @@ pub enum CloseReason {
     /// The backend went down or stopped matching the pool's role, and the pool says
     /// `on_backend_down: close_connections`.
     BackendDown,
+    /// The routing step closed it before any backend (ACL, PROXY header, ClientHello, no
+    /// route); the metric `switchyard_listener_connections_rejected_total` says why.
+    Refused,
+    /// The backend broke the protocol before forwarding (declined the Postgres SSLRequest).
+    BackendProtocol,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 10] = [
+    pub const ALL: [CloseReason; 12] = [
         CloseReason::ClientClosed,
         CloseReason::BackendClosed,
         CloseReason::ClientReset,
@@ -58,6 +64,8 @@ impl CloseReason {
         CloseReason::Shutdown,
         CloseReason::Maint,
         CloseReason::BackendDown,
+        CloseReason::Refused,
+        CloseReason::BackendProtocol,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -72,6 +80,8 @@ impl CloseReason {
             CloseReason::Shutdown => "shutdown",
             CloseReason::Maint => "maint",
             CloseReason::BackendDown => "backend_down",
+            CloseReason::Refused => "refused",
+            CloseReason::BackendProtocol => "backend_protocol",
         }
     }
 }
@@ -102,12 +112,41 @@ pub async fn serve(
         debug!(listener = %ctx.name, client = %peer, "listener no longer configured; closing");
         return;
     };
-    let client_addr = ClientAddr(peer);
     route.metrics.active.inc();
     let _ = client.set_nodelay(true);
 
-    let mut pool = &route.pool;
-    let mut connected = connect(pool, hash_key(pool.hash_key(), client_addr)).await;
+    let prepared = match route::prepare(&client, peer, route).await {
+        Ok(prepared) => prepared,
+        Err((refusal, client_addr)) => {
+            route.metrics.refused(refusal).inc();
+            route.metrics.active.dec();
+            route.metrics.closed(CloseReason::Refused).inc();
+            info!(
+                listener = %route.config.name,
+                client = %client_addr,
+                duration_ms = started.elapsed().as_millis() as u64,
+                reason = CloseReason::Refused.as_str(),
+                refused = refusal.as_str(),
+                "connection closed"
+            );
+            ctx.access_log.log(|| Record {
+                time: std::time::SystemTime::now(),
+                listener: Arc::clone(&ctx.name),
+                client: client_addr,
+                pool: Arc::from("-"),
+                backend: None,
+                sni: None,
+                bytes_from_client: 0,
+                bytes_to_client: 0,
+                duration: started.elapsed(),
+                reason: CloseReason::Refused,
+            });
+            return;
+        }
+    };
+    let client_addr = prepared.client;
+    let mut pool = prepared.pool.as_ref().unwrap_or(&route.pool);
+    let mut connected = connect(pool, hash_key(pool.hash_key(), client_addr, prepared.sni())).await;
     if let (Err(CloseReason::NoBackend), Some(fallback)) = (
         &connected,
         pool.config
@@ -117,7 +156,7 @@ pub async fn serve(
     ) {
         pool.metrics.fallback.inc();
         pool = fallback;
-        connected = connect(pool, hash_key(pool.hash_key(), client_addr)).await;
+        connected = connect(pool, hash_key(pool.hash_key(), client_addr, prepared.sni())).await;
     }
     let (reason, backend, bytes) = match connected {
         Err(reason) => (reason, None, (0, 0)),
@@ -142,13 +181,18 @@ pub async fn serve(
                     .then_some(CloseReason::BackendDown)
             });
             let out = match standing {
-                Some(reason) => forward::Outcome {
-                    reason,
-                    bytes_from_client: 0,
-                    bytes_to_client: 0,
-                },
+                Some(reason) => Err(reason),
                 None => {
-                    forward::forward(
+                    route::handshake_backend(&stream, &prepared, pool.config.connect_timeout).await
+                }
+            };
+            match out {
+                Err(reason) => (reason, Some(backend), (0, 0)),
+                Ok(()) => {
+                    let replayed = prepared.replay.len() as u64;
+                    counters.from_client.inc_by(replayed);
+                    counters.backend_from_client.inc_by(replayed);
+                    let out = forward::forward(
                         &client,
                         &stream,
                         route.config.idle_timeout,
@@ -156,22 +200,22 @@ pub async fn serve(
                         &mut close,
                         &counters,
                     )
-                    .await
+                    .await;
+                    (
+                        out.reason,
+                        Some(backend),
+                        (out.bytes_from_client + replayed, out.bytes_to_client),
+                    )
                 }
-            };
-            (
-                out.reason,
-                Some(backend),
-                (out.bytes_from_client, out.bytes_to_client),
-            )
+            }
         }
     };
     route.metrics.active.dec();
     route.metrics.closed(reason).inc();
     log_close(
         route,
-        &pool.config.name,
-        client_addr,
+        pool,
+        &prepared,
         backend.map(|b| b.addr.to_string()),
         bytes,
         started,
@@ -183,7 +227,7 @@ pub async fn serve(
         client: client_addr,
         pool: Arc::from(pool.config.name.as_str()),
         backend: backend.map(|b| (Arc::clone(&b.name), b.addr)),
-        sni: None,
+        sni: prepared.sni().map(Box::from),
         bytes_from_client: bytes.0,
         bytes_to_client: bytes.1,
         duration: started.elapsed(),
@@ -193,8 +237,8 @@ pub async fn serve(
 
 fn log_close(
     route: &Route,
-    pool: &str,
-    client: ClientAddr,
+    pool: &Pool,
+    prepared: &route::Prepared,
     backend: Option<String>,
     (from_client, to_client): (u64, u64),
     started: Instant,
@@ -202,8 +246,10 @@ fn log_close(
 ) {
     info!(
         listener = %route.config.name,
-        client = %client,
-        pool = %pool,
+        client = %prepared.client,
+        pool = %pool.config.name,
+        sni = prepared.sni().unwrap_or("-"),
+        alpn = prepared.hello.as_ref().map(|h| h.alpn_list()).as_deref().unwrap_or("-"),
         backend = backend.as_deref().unwrap_or("-"),
         bytes_from_client = from_client,
         bytes_to_client = to_client,
@@ -213,7 +259,10 @@ fn log_close(
     );
 }
 
-fn hash_key(kind: HashKey, client: ClientAddr) -> u64 {
+fn hash_key(kind: HashKey, client: ClientAddr, sni: Option<&str>) -> u64 {
+    if let (HashKey::Sni, Some(name)) = (kind, sni) {
+        return hash64(name.as_bytes());
+    }
     let mut bytes = [0u8; 18];
     let len = match client.0.ip() {
         std::net::IpAddr::V4(ip) => {
@@ -226,7 +275,7 @@ fn hash_key(kind: HashKey, client: ClientAddr) -> u64 {
         }
     };
     match kind {
-        HashKey::ClientIp => hash64(&bytes[..len]),
+        HashKey::ClientIp | HashKey::Sni => hash64(&bytes[..len]),
         HashKey::ClientIpPort => {
             bytes[len..len + 2].copy_from_slice(&client.0.port().to_be_bytes());
             hash64(&bytes[..len + 2])
@@ -302,17 +351,30 @@ mod tests {
         let a = ClientAddr("10.0.0.1:1000".parse().expect("addr"));
         let b = ClientAddr("10.0.0.1:2000".parse().expect("addr"));
         assert_eq!(
-            hash_key(HashKey::ClientIp, a),
-            hash_key(HashKey::ClientIp, b)
+            hash_key(HashKey::ClientIp, a, None),
+            hash_key(HashKey::ClientIp, b, None)
         );
         assert_ne!(
-            hash_key(HashKey::ClientIpPort, a),
-            hash_key(HashKey::ClientIpPort, b)
+            hash_key(HashKey::ClientIpPort, a, None),
+            hash_key(HashKey::ClientIpPort, b, None)
         );
         let v6 = ClientAddr("[::1]:1000".parse().expect("addr"));
         assert_ne!(
-            hash_key(HashKey::ClientIp, a),
-            hash_key(HashKey::ClientIp, v6)
+            hash_key(HashKey::ClientIp, a, None),
+            hash_key(HashKey::ClientIp, v6, None)
+        );
+        // SNI: one name, one key whoever connects; no name falls back to the client IP.
+        assert_eq!(
+            hash_key(HashKey::Sni, a, Some("db.example.com")),
+            hash_key(HashKey::Sni, v6, Some("db.example.com"))
+        );
+        assert_ne!(
+            hash_key(HashKey::Sni, a, Some("db.example.com")),
+            hash_key(HashKey::Sni, a, Some("api.example.com"))
+        );
+        assert_eq!(
+            hash_key(HashKey::Sni, a, None),
+            hash_key(HashKey::ClientIp, a, None)
         );
     }
 

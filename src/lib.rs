@@ -7,9 +7,11 @@
 //! `metrics` (names and handles), `server` (start and graceful stop), `health` (active
 //! checks and the database-role state machine), `control` (reload, admin changes), `admin`
 //! (HTTP: metrics, status page, admin API), `access_log`, `upgrade` (socket hand-over to a
-//! new binary).
+//! new binary), `route` (PROXY header, ACL, TLS passthrough by SNI before the balancer) over
+//! the pure parsers `acl`, `proxy_protocol` and `tls`.
 
 pub mod access_log;
+pub mod acl;
 pub mod admin;
 pub mod backend;
 pub mod balance;
@@ -18,13 +20,18 @@ pub mod config;
 pub mod conn;
 pub mod control;
 pub mod forward;
+#[doc(hidden)]
+pub mod fuzz_checks;
 pub mod hash;
 pub mod health;
 pub mod listener;
 pub mod log;
 pub mod metrics;
+pub mod proxy_protocol;
+pub mod route;
 pub mod server;
 pub mod state;
+pub mod tls;
 pub mod upgrade;
 
 pub use config::Config;

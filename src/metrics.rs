@@ -9,6 +9,7 @@ use prometheus::{
 };
 
 use crate::conn::CloseReason;
+use crate::route::Refusal;
 
 pub mod names {
     pub const LISTENER_CONNECTIONS_ACCEPTED: &str =
@@ -167,11 +168,17 @@ pub struct ListenerMetrics {
     pub bytes_from_clients: IntCounter,
     pub bytes_to_clients: IntCounter,
     closed: Vec<IntCounter>,
+    /// `rejected_total` by routing-step refusal, indexed like [`Refusal::ALL`].
+    refused: Vec<IntCounter>,
 }
 
 impl ListenerMetrics {
     pub fn closed(&self, reason: CloseReason) -> &IntCounter {
         &self.closed[reason as usize]
+    }
+
+    pub fn refused(&self, reason: Refusal) -> &IntCounter {
+        &self.refused[reason as usize]
     }
 }
 
@@ -478,6 +485,13 @@ impl Metrics {
                 .iter()
                 .map(|r| {
                     self.listener_closed
+                        .with_label_values(&[listener, r.as_str()])
+                })
+                .collect(),
+            refused: Refusal::ALL
+                .iter()
+                .map(|r| {
+                    self.listener_rejected
                         .with_label_values(&[listener, r.as_str()])
                 })
                 .collect(),

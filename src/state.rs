@@ -38,6 +38,8 @@ pub struct Route {
     pub config: ListenerConfig,
     pub pool: Arc<Pool>,
     pub metrics: ListenerMetrics,
+    /// PROXY header, ACL and TLS-by-SNI settings, pools resolved.
+    pub routing: crate::route::Routing,
 }
 
 /// Everything a connection needs to route, frozen at one point in time.
@@ -151,6 +153,7 @@ fn build(
                 config: lc.clone(),
                 pool,
                 metrics: metrics.listener(&lc.name),
+                routing: crate::route::Routing::build(lc, &pools),
             };
             Some((lc.name.clone(), Arc::new(route)))
         })

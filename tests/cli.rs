@@ -41,11 +41,15 @@ fn check_accepts_the_example_config_and_prints_a_summary() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        stdout.contains("configuration is valid (2 listeners, 2 pools, 5 backends)"),
+        stdout.contains("configuration is valid (4 listeners, 3 pools, 7 backends)"),
         "{stdout}"
     );
     assert!(stdout.contains("127.0.0.1:8002 weight 2"), "{stdout}");
     assert!(stdout.contains("maglev"), "{stdout}");
+    assert!(
+        stdout.contains("sni *.example.com alpn h2,http/1.1 -> pool web"),
+        "{stdout}"
+    );
 }
 
 #[test]

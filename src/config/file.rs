@@ -67,11 +67,19 @@ pub struct DefaultsSection {
 pub struct ListenerSection {
     pub name: String,
     pub bind: String,
-    pub pool: String,
+    /// Required unless `tls_passthrough` chooses pools (checked in `config::tls`).
+    pub pool: Option<String>,
     pub max_connections: Option<usize>,
     pub idle_timeout: Option<ConfigDuration>,
     pub reuse_port: Option<bool>,
     pub accept_tasks: Option<usize>,
+    pub tls_passthrough: Option<super::tls::TlsPassthroughSection>,
+    pub proxy_protocol: Option<super::tls::ProxyProtocolMode>,
+    pub accept_proxy_protocol: Option<super::tls::AcceptProxySection>,
+    #[serde(default)]
+    pub allow: Vec<String>,
+    #[serde(default)]
+    pub deny: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -8,6 +8,7 @@ mod file;
 pub mod health;
 mod locate;
 mod ops;
+mod tls;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -20,6 +21,7 @@ pub use error::{ConfigError, ConfigLocation};
 pub use file::ConfigDuration;
 pub use health::{CheckKind, HealthCheckConfig, OnBackendDown};
 pub use ops::{AccessLogConfig, AccessLogFormat, AccessLogTarget, AdminConfig, AdminToken};
+pub use tls::{AcceptProxy, ProxyProtocolMode, SniPattern, SniRoute, TlsPassthrough};
 
 use crate::balance::{self, Algorithm};
 use file::{BackendSection, ConfigFile, DefaultsSection, ListenerSection, PoolSection};
@@ -43,6 +45,8 @@ pub enum HashKey {
     ClientIp,
     /// The client's IP address and port: spreads one host's connections.
     ClientIpPort,
+    /// The TLS server name (SNI) of a passthrough listener; the client IP when none was sent.
+    Sni,
 }
 
 /// A validated configuration: every reference resolves and every value is in range.
@@ -77,6 +81,14 @@ pub struct ListenerConfig {
     pub reuse_port: bool,
     /// Accept tasks (each with its own SO_REUSEPORT socket); 1 without `reuse_port`.
     pub accept_tasks: usize,
+    /// Route by the TLS ClientHello's server name (the pools then come from its routes).
+    pub tls_passthrough: Option<TlsPassthrough>,
+    /// PROXY protocol header sent to backends.
+    pub proxy_protocol: ProxyProtocolMode,
+    /// Peers trusted to send a PROXY header (and required to).
+    pub accept_proxy_protocol: Option<AcceptProxy>,
+    /// Source ACL (`allow`, `deny`); empty allows everyone.
+    pub acl: crate::acl::Acl,
 }
 
 #[derive(Debug, Clone)]
@@ -238,6 +250,7 @@ fn validate(file: ConfigFile, ctx: &Ctx<'_>) -> Result<Config, ConfigError> {
             ));
         }
         let listener = validate_listener(section, defaults, &path, ctx)?;
+        tls::check_route_pools(&listener, &pool_names, &path, ctx)?;
         if !pool_names.contains(&listener.pool) {
             let known: Vec<&str> = pools.iter().map(|p| p.name.as_str()).collect();
             return Err(ctx.error(
@@ -267,6 +280,7 @@ fn validate(file: ConfigFile, ctx: &Ctx<'_>) -> Result<Config, ConfigError> {
         }
         listeners.push(listener);
     }
+    tls::check_sni_hash_pools(&listeners, &pools, ctx)?;
 
     Ok(Config {
         source: ctx.source.to_string(),
@@ -279,12 +293,13 @@ fn validate(file: ConfigFile, ctx: &Ctx<'_>) -> Result<Config, ConfigError> {
 }
 
 fn validate_listener(
-    s: ListenerSection,
+    mut s: ListenerSection,
     defaults: &DefaultsSection,
     path: &str,
     ctx: &Ctx<'_>,
 ) -> Result<ListenerConfig, ConfigError> {
     let bind = parse_addr(&s.bind, &format!("{path}.bind"), ctx)?;
+    let extras = tls::validate_listener(&mut s, path, ctx)?;
     let max_connections = s
         .max_connections
         .or(defaults.max_connections)
@@ -316,11 +331,15 @@ fn validate_listener(
     Ok(ListenerConfig {
         name: s.name,
         bind,
-        pool: s.pool,
+        pool: extras.pool,
         max_connections,
         idle_timeout: dur(s.idle_timeout, defaults.idle_timeout, DEFAULT_IDLE_TIMEOUT),
         reuse_port,
         accept_tasks,
+        tls_passthrough: extras.tls_passthrough,
+        proxy_protocol: extras.proxy_protocol,
+        accept_proxy_protocol: extras.accept_proxy_protocol,
+        acl: extras.acl,
     })
 }
 
@@ -527,7 +546,8 @@ pub fn unused_pools(config: &Config) -> Vec<&str> {
     let used: HashMap<&str, ()> = config
         .listeners
         .iter()
-        .map(|l| (l.pool.as_str(), ()))
+        .flat_map(|l| std::iter::once(l.pool.as_str()).chain(tls::route_pools(l)))
+        .map(|p| (p, ()))
         .collect();
     config
         .pools

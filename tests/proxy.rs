@@ -1,0 +1,433 @@
+//! PROXY protocol out (v1, v2; byte-exact, and parsed by a real nginx), PROXY protocol in
+//! from trusted peers only (v1, v2, LOCAL, malformed, silent, untrusted), and source ACLs.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use switchyard::proxy_protocol::{self, Header, Version};
+use switchyard::tls::sni::build_client_hello;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+const REJECTED: &str = "switchyard_listener_connections_rejected_total";
+
+/// A backend that reads everything until the client half-closes, sends it all back, closes.
+struct Capture {
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Capture {
+    async fn start() -> Capture {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    if s.read_to_end(&mut got).await.is_ok() {
+                        let _ = s.write_all(&got).await;
+                    }
+                    let _ = s.shutdown().await;
+                });
+            }
+        });
+        Capture { addr, task }
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Sends `bytes` from `src_ip`, half-closes, returns what the backend saw.
+async fn send_from(src_ip: &str, to: SocketAddr, bytes: &[u8]) -> (Vec<u8>, SocketAddr) {
+    let mut s = connect_from(src_ip, to).await;
+    let local = s.local_addr().expect("local");
+    let _ = s.write_all(bytes).await;
+    let _ = s.shutdown().await;
+    let mut out = Vec::new();
+    let _ = within("backend reply", s.read_to_end(&mut out)).await;
+    (out, local)
+}
+
+fn tcp(source: SocketAddr, destination: SocketAddr) -> Header {
+    Header::Tcp {
+        source,
+        destination,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_v1_and_v2_headers_byte_exact() {
+    let backend = Capture::start().await;
+    let yaml = format!(
+        "listeners:
+  - {{ name: v1, bind: 127.0.0.1:0, pool: p, proxy_protocol: v1 }}
+  - {{ name: v2, bind: 127.0.0.1:0, pool: p, proxy_protocol: v2 }}
+  - {{ name: none, bind: 127.0.0.1:0, pool: p, proxy_protocol: none }}
+pools:
+  - {{ name: p, backends: [{{ address: \"{}\" }}] }}
+",
+        backend.addr
+    );
+    let lb = Balancer::start(&yaml).await;
+    let (seen, client) = send_from("127.0.0.2", lb.addr("v1"), b"hello").await;
+    let line = format!(
+        "PROXY TCP4 127.0.0.2 127.0.0.1 {} {}\r\nhello",
+        client.port(),
+        lb.addr("v1").port()
+    );
+    assert_eq!(String::from_utf8_lossy(&seen), line);
+
+    let (seen, client) = send_from("127.0.0.3", lb.addr("v2"), b"hello").await;
+    let mut wanted = proxy_protocol::encode(Version::V2, &tcp(client, lb.addr("v2")));
+    assert_eq!(
+        &wanted[..16],
+        &[13, 10, 13, 10, 0, 13, 10, 81, 85, 73, 84, 10, 0x21, 0x11, 0, 12]
+    );
+    assert_eq!(&wanted[16..20], &[127, 0, 0, 3]);
+    wanted.extend_from_slice(b"hello");
+    assert_eq!(seen, wanted);
+
+    let (seen, _) = send_from("127.0.0.1", lb.addr("none"), b"hello").await;
+    assert_eq!(seen, b"hello");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_clients_get_tcp6_headers() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("\n\n*** SKIPPED: no IPv6 loopback (::1) ***\n");
+        return;
+    }
+    let backend = Capture::start().await;
+    let yaml = format!(
+        "listeners:
+  - {{ name: v1, bind: \"[::1]:0\", pool: p, proxy_protocol: v1 }}
+  - {{ name: v2, bind: \"[::1]:0\", pool: p, proxy_protocol: v2 }}
+pools:
+  - {{ name: p, backends: [{{ address: \"{}\" }}] }}
+",
+        backend.addr
+    );
+    let lb = Balancer::start(&yaml).await;
+    for (listener, version) in [("v1", Version::V1), ("v2", Version::V2)] {
+        let addr = lb.addr(listener);
+        let mut s = within("connect", TcpStream::connect(addr))
+            .await
+            .expect("connect");
+        let client = s.local_addr().expect("local");
+        s.write_all(b"six").await.expect("write");
+        s.shutdown().await.expect("shutdown");
+        let seen = read_to_end(&mut s).await;
+        let mut wanted = proxy_protocol::encode(version, &tcp(client, addr));
+        wanted.extend_from_slice(b"six");
+        assert_eq!(seen, wanted, "{listener}");
+        if version == Version::V1 {
+            assert!(
+                seen.starts_with(b"PROXY TCP6 ::1 ::1 "),
+                "{}",
+                String::from_utf8_lossy(&seen)
+            );
+        } else {
+            assert_eq!(
+                &seen[12..16],
+                &[0x21, 0x21, 0x00, 0x24],
+                "PROXY, TCP over IPv6, 36 bytes"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_reads_our_v1_and_v2_headers() {
+    let nginx = std::path::Path::new("/usr/sbin/nginx");
+    if !nginx.exists() {
+        eprintln!("\n\n*** SKIPPED: nginx is not installed (/usr/sbin/nginx); install it to test PROXY headers against a real consumer ***\n");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (p1, p2) = (free_port(), free_port());
+    let d = dir.path().display();
+    let conf = format!(
+        "daemon off;
+master_process off;
+pid {d}/nginx.pid;
+error_log {d}/error.log info;
+events {{ worker_connections 64; }}
+http {{
+  access_log {d}/access.log;
+  client_body_temp_path {d}/body;
+  proxy_temp_path {d}/proxy;
+  fastcgi_temp_path {d}/fastcgi;
+  uwsgi_temp_path {d}/uwsgi;
+  scgi_temp_path {d}/scgi;
+  server {{
+    listen 127.0.0.1:{p1} proxy_protocol;
+    listen 127.0.0.1:{p2} proxy_protocol;
+    location / {{ return 200 \"addr=$proxy_protocol_addr port=$proxy_protocol_port\\n\"; }}
+  }}
+}}
+"
+    );
+    let conf_path = dir.path().join("nginx.conf");
+    std::fs::write(&conf_path, conf).expect("write conf");
+    let mut child = tokio::process::Command::new(nginx)
+        .arg("-p")
+        .arg(dir.path())
+        .arg("-e")
+        .arg(dir.path().join("error.log"))
+        .arg("-c")
+        .arg(&conf_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn nginx");
+    let pid = child.id().expect("nginx pid");
+    // Wait until nginx accepts on both ports.
+    for port in [p1, p2] {
+        within("nginx listening", async {
+            while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+    }
+    let yaml = format!(
+        "listeners:
+  - {{ name: v1, bind: 127.0.0.1:0, pool: n1, proxy_protocol: v1 }}
+  - {{ name: v2, bind: 127.0.0.1:0, pool: n2, proxy_protocol: v2 }}
+pools:
+  - {{ name: n1, backends: [{{ address: \"127.0.0.1:{p1}\" }}] }}
+  - {{ name: n2, backends: [{{ address: \"127.0.0.1:{p2}\" }}] }}
+"
+    );
+    let lb = Balancer::start(&yaml).await;
+    for (listener, src) in [("v1", "127.0.0.4"), ("v2", "127.0.0.5")] {
+        let (reply, client) = send_from(
+            src,
+            lb.addr(listener),
+            b"GET / HTTP/1.0\r\nHost: test\r\n\r\n",
+        )
+        .await;
+        let reply = String::from_utf8_lossy(&reply);
+        assert!(reply.starts_with("HTTP/1.1 200"), "{listener}: {reply}");
+        assert!(
+            reply.ends_with(&format!("addr={src} port={}\n", client.port())),
+            "{listener}: nginx saw the client through the header: {reply}"
+        );
+    }
+    // Stop nginx by its PID.
+    assert_eq!(child.id(), Some(pid));
+    child.kill().await.expect("kill nginx");
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepts_headers_from_trusted_peers_only() {
+    let backend = Capture::start().await;
+    let yaml = format!(
+        "listeners:
+  - name: in
+    bind: 127.0.0.1:0
+    pool: p
+    proxy_protocol: v1
+    accept_proxy_protocol:
+      from: [127.0.0.2/32]
+      timeout: 500ms
+  - name: tls
+    bind: 127.0.0.1:0
+    proxy_protocol: v2
+    tls_passthrough: {{ default_pool: p }}
+    accept_proxy_protocol:
+      from: [127.0.0.2/32]
+pools:
+  - {{ name: p, backends: [{{ address: \"{}\" }}] }}
+",
+        backend.addr
+    );
+    let lb = Balancer::start(&yaml).await;
+    let addr = lb.addr("in");
+
+    // Trusted v1: the header's client goes on, in our own header, and the data follows.
+    let (seen, _) = send_from(
+        "127.0.0.2",
+        addr,
+        b"PROXY TCP4 203.0.113.7 198.51.100.1 5555 443\r\nhello",
+    )
+    .await;
+    assert_eq!(
+        String::from_utf8_lossy(&seen),
+        "PROXY TCP4 203.0.113.7 198.51.100.1 5555 443\r\nhello"
+    );
+
+    // Trusted v2 (TCP6) in, v1 out.
+    let mut v2 = proxy_protocol::encode(
+        Version::V2,
+        &tcp(
+            "[2001:db8::7]:4000".parse().unwrap(),
+            "[2001:db8::1]:443".parse().unwrap(),
+        ),
+    );
+    v2.extend_from_slice(b"data");
+    let (seen, _) = send_from("127.0.0.2", addr, &v2).await;
+    assert_eq!(
+        String::from_utf8_lossy(&seen),
+        "PROXY TCP6 2001:db8::7 2001:db8::1 4000 443\r\ndata"
+    );
+
+    // Trusted v2 LOCAL (a health check): the real addresses are used.
+    let mut local = proxy_protocol::encode(Version::V2, &Header::Local);
+    local.extend_from_slice(b"hc");
+    let (seen, client) = send_from("127.0.0.2", addr, &local).await;
+    assert_eq!(
+        String::from_utf8_lossy(&seen),
+        format!(
+            "PROXY TCP4 127.0.0.2 127.0.0.1 {} {}\r\nhc",
+            client.port(),
+            addr.port()
+        )
+    );
+
+    // Trusted but malformed, or no header at all: closed, counted.
+    let (seen, _) = send_from("127.0.0.2", addr, b"GET / HTTP/1.0\r\n\r\n").await;
+    assert!(seen.is_empty());
+    let (seen, _) = send_from("127.0.0.2", addr, b"PROXY TCP4 1.2.3.4 5.6.7.8 99999 1\r\n").await;
+    assert!(seen.is_empty());
+    assert_eq!(
+        lb.counter(
+            REJECTED,
+            &[("listener", "in"), ("reason", "proxy_malformed")]
+        ),
+        2
+    );
+
+    // Trusted and silent: closed after the header timeout.
+    let mut silent = connect_from("127.0.0.2", addr).await;
+    assert!(read_to_end(&mut silent).await.is_empty());
+    assert_eq!(lb.counter(REJECTED, &[("reason", "proxy_timeout")]), 1);
+
+    // Untrusted: a direct client, its bytes passed on as data under its real address.
+    let (seen, client) = send_from("127.0.0.3", addr, b"PROXY TCP4 9.9.9.9 9.9.9.9 1 1\r\nx").await;
+    assert_eq!(
+        String::from_utf8_lossy(&seen),
+        format!(
+            "PROXY TCP4 127.0.0.3 127.0.0.1 {} {}\r\nPROXY TCP4 9.9.9.9 9.9.9.9 1 1\r\nx",
+            client.port(),
+            addr.port()
+        )
+    );
+
+    // On a TLS listener the first bytes are read anyway: an untrusted header is refused.
+    let tls = lb.addr("tls");
+    let (seen, _) = send_from("127.0.0.3", tls, b"PROXY TCP4 9.9.9.9 9.9.9.9 1 1\r\n").await;
+    assert!(seen.is_empty());
+    assert_eq!(
+        lb.counter(
+            REJECTED,
+            &[("listener", "tls"), ("reason", "proxy_untrusted")]
+        ),
+        1
+    );
+    // A trusted one is consumed and the ClientHello behind it routed; v2 goes out.
+    let hello = build_client_hello(Some("db.example.com"), &[], 0);
+    let mut bytes = b"PROXY TCP4 203.0.113.9 198.51.100.2 6000 443\r\n".to_vec();
+    bytes.extend_from_slice(&hello);
+    let (seen, _) = send_from("127.0.0.2", tls, &bytes).await;
+    let mut wanted = proxy_protocol::encode(
+        Version::V2,
+        &tcp(
+            "203.0.113.9:6000".parse().unwrap(),
+            "198.51.100.2:443".parse().unwrap(),
+        ),
+    );
+    wanted.extend_from_slice(&hello);
+    assert_eq!(seen, wanted);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acl_most_specific_block_wins_before_any_connect() {
+    let backend = Backend::start("ok").await;
+    let yaml = format!(
+        "listeners:
+  - name: l
+    bind: 127.0.0.1:0
+    pool: p
+    allow: [127.0.0.0/8, 127.0.1.128/25]
+    deny: [127.0.0.5, 127.0.1.0/24]
+  - name: proxied
+    bind: 127.0.0.1:0
+    pool: p
+    accept_proxy_protocol: {{ from: [127.0.0.2/32] }}
+    deny: [192.0.2.0/24]
+pools:
+  - {{ name: p, backends: [{{ address: \"{}\" }}] }}
+",
+        backend.addr
+    );
+    let lb = Balancer::start(&yaml).await;
+    let addr = lb.addr("l");
+    let mut allowed = 0;
+    for (src, ok) in [
+        ("127.0.0.1", true),
+        ("127.0.0.5", false),
+        ("127.0.0.6", true),
+        ("127.0.1.3", false),
+        ("127.0.1.200", true),
+    ] {
+        let mut s = connect_from(src, addr).await;
+        if ok {
+            allowed += 1;
+            let (greeting, _) = greet(s).await;
+            assert_eq!(greeting, "ok", "{src} allowed");
+        } else {
+            assert!(read_to_end(&mut s).await.is_empty(), "{src} denied");
+        }
+    }
+    assert_eq!(
+        lb.counter(REJECTED, &[("listener", "l"), ("reason", "acl_denied")]),
+        2
+    );
+    assert_eq!(
+        lb.counter("switchyard_backend_connect_attempts_total", &[]),
+        allowed,
+        "denied connections never reach a backend"
+    );
+
+    // Behind a trusted balancer, the ACL judges the address in the PROXY header.
+    let p = lb.addr("proxied");
+    let mut denied = connect_from("127.0.0.2", p).await;
+    denied
+        .write_all(b"PROXY TCP4 192.0.2.9 127.0.0.1 1000 80\r\n")
+        .await
+        .expect("write");
+    assert!(read_to_end(&mut denied).await.is_empty());
+    let mut ok = connect_from("127.0.0.2", p).await;
+    ok.write_all(b"PROXY TCP4 203.0.113.9 127.0.0.1 1000 80\r\n")
+        .await
+        .expect("write");
+    assert_eq!(greet(ok).await.0, "ok");
+    assert_eq!(
+        lb.counter(
+            REJECTED,
+            &[("listener", "proxied"), ("reason", "acl_denied")]
+        ),
+        1
+    );
+}
