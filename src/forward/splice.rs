@@ -1,7 +1,8 @@
 //! Zero-copy forwarding on Linux: socket → pipe → socket with `splice(2)`, driven by tokio
-//! readiness, so payload bytes never enter user space. Each direction owns a pipe for as
-//! long as it runs; pipes come from a small process-wide pool and are created on the first
-//! byte, so idle connections hold none.
+//! readiness, so payload bytes never enter user space. Each direction holds a pipe only
+//! while bytes are moving: it takes one from a small process-wide pool when its socket turns
+//! readable and gives it back, empty, as soon as the socket has nothing more to read, so idle
+//! connections hold none.
 
 use std::io;
 use std::os::fd::OwnedFd;
@@ -85,7 +86,13 @@ pub(super) async fn pump(
                 return Ok(());
             }
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Nothing to read and the pipe is empty: an idle direction holds no pipe.
+                if let Some(p) = pipe.take() {
+                    p.give_back();
+                }
+                continue;
+            }
             Err(e) if progress.moved() == 0 && is_unsupported(&e) => {
                 return Err(PumpError::Unsupported(e))
             }
@@ -112,5 +119,82 @@ pub(super) async fn pump(
                 Err(e) => return Err(PumpError::Write(e)),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU64;
+    use std::time::Duration;
+
+    use prometheus::IntCounter;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::super::{Activity, Progress};
+    use super::*;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let near = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (far, _) = listener.accept().await.expect("accept");
+        (near, far)
+    }
+
+    fn pooled() -> usize {
+        POOL.lock().map(|pool| pool.len()).unwrap_or(0)
+    }
+
+    /// After moving bytes, a direction with nothing more to read returns its pipe to the
+    /// pool while the connection stays open, and still forwards EOF afterwards.
+    #[tokio::test]
+    async fn idle_direction_holds_no_pipe() {
+        let (mut client, src) = pair().await;
+        let (dst, mut receiver) = pair().await;
+        let counter = IntCounter::new("bytes", "bytes").expect("counter");
+        let activity = Activity {
+            started: tokio::time::Instant::now(),
+            last_ns: AtomicU64::new(0),
+        };
+        let progress = Progress {
+            moved: AtomicU64::new(0),
+            counter: &counter,
+            activity: &activity,
+        };
+        let before = pooled();
+        let pump = pump(&src, &dst, &progress);
+        tokio::pin!(pump);
+
+        client.write_all(b"hello").await.expect("write");
+        let mut got = [0u8; 5];
+        tokio::select! {
+            done = &mut pump => panic!("pump ended early: {done:?}"),
+            read = receiver.read_exact(&mut got) => { read.expect("read"); }
+        }
+        assert_eq!(&got, b"hello");
+
+        let mut waited = Duration::ZERO;
+        while pooled() <= before {
+            assert!(
+                waited < Duration::from_secs(10),
+                "pipe not returned while idle"
+            );
+            tokio::select! {
+                done = &mut pump => panic!("pump ended early: {done:?}"),
+                () = tokio::time::sleep(Duration::from_millis(10)) => waited += Duration::from_millis(10),
+            }
+        }
+
+        drop(client);
+        let done = tokio::time::timeout(Duration::from_secs(10), &mut pump)
+            .await
+            .expect("pump ends after EOF");
+        assert!(done.is_ok(), "{done:?}");
+        let mut rest = Vec::new();
+        receiver.read_to_end(&mut rest).await.expect("read to EOF");
+        assert!(rest.is_empty());
+        assert_eq!(progress.moved(), 5);
     }
 }
