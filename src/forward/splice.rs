@@ -3,8 +3,15 @@
 //! while bytes are moving: it takes one from a small process-wide pool when its socket turns
 //! readable and gives it back, empty, as soon as the socket has nothing more to read, so idle
 //! connections hold none.
+//!
+//! Small messages (requests, replies, handshakes) take a cheaper road, as HAProxy's
+//! `splice-auto` does: a read that fits in [`SMALL_READ`] bytes is received into a pooled
+//! buffer and sent on. A short `recv` proves the socket drained, which saves the extra
+//! `EAGAIN` probe a splice read needs, and a message costs two syscalls instead of three. A
+//! read that fills the buffer means a transfer is under way: the direction switches to splice
+//! until a splice read comes back small again.
 
-use std::io;
+use std::io::{self, Read};
 use std::os::fd::OwnedFd;
 use std::sync::Mutex;
 
@@ -13,6 +20,7 @@ use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
+use super::copy::dst_write;
 use super::{half_close, Progress, PumpError};
 
 /// Requested pipe capacity; the kernel may grant less (pipe-max-size, per-user limits).
@@ -21,6 +29,29 @@ const PIPE_SIZE: i32 = 256 * 1024;
 const POOL_MAX: usize = 1024;
 
 static POOL: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
+
+/// Reads up to this size are copied through a buffer; a read that fills it switches to splice.
+const SMALL_READ: usize = 16 * 1024;
+/// Buffers kept for reuse. A buffer is held only between a read and the end of its write.
+const BUFFERS_MAX: usize = 256;
+
+static BUFFERS: Mutex<Vec<Box<[u8]>>> = Mutex::new(Vec::new());
+
+fn take_buffer() -> Box<[u8]> {
+    BUFFERS
+        .lock()
+        .ok()
+        .and_then(|mut pool| pool.pop())
+        .unwrap_or_else(|| vec![0; SMALL_READ].into_boxed_slice())
+}
+
+fn give_buffer(buffer: Box<[u8]>) {
+    if let Ok(mut pool) = BUFFERS.lock() {
+        if pool.len() < BUFFERS_MAX {
+            pool.push(buffer);
+        }
+    }
+}
 
 struct Pipe {
     read: OwnedFd,
@@ -61,6 +92,73 @@ fn is_unsupported(e: &io::Error) -> bool {
     )
 }
 
+/// What one buffered read-and-write did.
+enum Copied {
+    /// The source reached EOF.
+    Eof,
+    /// The socket had nothing to read after all.
+    Nothing,
+    /// A short read, written out: the socket is drained.
+    Drained,
+    /// The read filled the buffer, written out: more is probably waiting.
+    Filled,
+}
+
+/// Receives once into a pooled buffer and writes it all to `dst`. A short read clears the
+/// read readiness in the same step (tokio's `try_io` clears with the readiness observed
+/// before the read, so data arriving after it still wakes the task).
+async fn copy_once(
+    src: &TcpStream,
+    dst: &TcpStream,
+    progress: &Progress<'_>,
+) -> Result<Copied, PumpError> {
+    let mut buffer = take_buffer();
+    let result = copy_with(&mut buffer, src, dst, progress).await;
+    give_buffer(buffer);
+    result
+}
+
+async fn copy_with(
+    buffer: &mut [u8],
+    src: &TcpStream,
+    dst: &TcpStream,
+    progress: &Progress<'_>,
+) -> Result<Copied, PumpError> {
+    let mut short = 0;
+    let read = src.try_io(Interest::READABLE, || {
+        let n = (&*socket2::SockRef::from(src)).read(buffer)?;
+        if n > 0 && n < buffer.len() {
+            short = n;
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    let n = match read {
+        Ok(0) => return Ok(Copied::Eof),
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && short > 0 => short,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Copied::Nothing),
+        Err(e) => return Err(PumpError::Read(e)),
+    };
+    let mut written = 0;
+    while written < n {
+        dst.writable().await.map_err(PumpError::Write)?;
+        match dst.try_io(Interest::WRITABLE, || dst_write(dst, &buffer[written..n])) {
+            Ok(m) => {
+                written += m;
+                progress.add(m);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(PumpError::Write(e)),
+        }
+    }
+    Ok(if n == buffer.len() {
+        Copied::Filled
+    } else {
+        Copied::Drained
+    })
+}
+
 pub(super) async fn pump(
     src: &TcpStream,
     dst: &TcpStream,
@@ -68,9 +166,22 @@ pub(super) async fn pump(
 ) -> Result<(), PumpError> {
     let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
     let mut pipe: Option<Pipe> = None;
+    let mut splicing = false;
+    let mut spliced_any = false;
     loop {
-        // Socket → pipe. The pipe is empty here, so EAGAIN means the socket has no data.
         src.readable().await.map_err(PumpError::Read)?;
+        if !splicing {
+            match copy_once(src, dst, progress).await? {
+                Copied::Eof => {
+                    half_close(dst);
+                    return Ok(());
+                }
+                Copied::Nothing | Copied::Drained => {}
+                Copied::Filled => splicing = true,
+            }
+            continue;
+        }
+        // Socket → pipe. The pipe is empty here, so EAGAIN means the socket has no data.
         let p = match pipe.as_ref() {
             Some(p) => p,
             None => pipe.insert(Pipe::take().map_err(PumpError::Read)?),
@@ -93,11 +204,16 @@ pub(super) async fn pump(
                 }
                 continue;
             }
-            Err(e) if progress.moved() == 0 && is_unsupported(&e) => {
-                return Err(PumpError::Unsupported(e))
+            // Nothing was consumed from the socket: the buffered copy can take over.
+            Err(e) if !spliced_any && is_unsupported(&e) => {
+                if let Some(p) = pipe.take() {
+                    p.give_back();
+                }
+                return Err(PumpError::Unsupported(e));
             }
             Err(e) => return Err(PumpError::Read(e)),
         };
+        spliced_any = true;
         // Pipe → socket. The pipe holds `left` bytes, so EAGAIN means the socket is full.
         let mut left = filled;
         while left > 0 {
@@ -117,6 +233,13 @@ pub(super) async fn pump(
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(PumpError::Write(e)),
+            }
+        }
+        if filled < SMALL_READ {
+            // The transfer has slowed to small messages: back to buffered reads.
+            splicing = false;
+            if let Some(p) = pipe.take() {
+                p.give_back();
             }
         }
     }
@@ -147,8 +270,8 @@ mod tests {
         POOL.lock().map(|pool| pool.len()).unwrap_or(0)
     }
 
-    /// After moving bytes, a direction with nothing more to read returns its pipe to the
-    /// pool while the connection stays open, and still forwards EOF afterwards.
+    /// After a transfer large enough to be spliced, a direction with nothing more to read
+    /// returns its pipe to the pool while the connection stays open, and still forwards EOF.
     #[tokio::test]
     async fn idle_direction_holds_no_pipe() {
         let (mut client, src) = pair().await;
@@ -167,13 +290,17 @@ mod tests {
         let pump = pump(&src, &dst, &progress);
         tokio::pin!(pump);
 
-        client.write_all(b"hello").await.expect("write");
-        let mut got = [0u8; 5];
+        let sent: Vec<u8> = (0..4 * SMALL_READ).map(|i| (i % 251) as u8).collect();
+        let mut got = vec![0u8; sent.len()];
+        let transfer = async {
+            client.write_all(&sent).await?;
+            receiver.read_exact(&mut got).await
+        };
         tokio::select! {
             done = &mut pump => panic!("pump ended early: {done:?}"),
-            read = receiver.read_exact(&mut got) => { read.expect("read"); }
+            moved = transfer => { moved.expect("transfer"); }
         }
-        assert_eq!(&got, b"hello");
+        assert!(got == sent, "bytes differ");
 
         let mut waited = Duration::ZERO;
         while pooled() <= before {
@@ -195,6 +322,6 @@ mod tests {
         let mut rest = Vec::new();
         receiver.read_to_end(&mut rest).await.expect("read to EOF");
         assert!(rest.is_empty());
-        assert_eq!(progress.moved(), 5);
+        assert_eq!(progress.moved(), sent.len() as u64);
     }
 }
