@@ -7,7 +7,7 @@
 #
 # Every process is started here and stopped by its PID on exit; only 127.0.0.1 is used.
 # Tunables (environment): BULK_SECONDS (5), RR_SECONDS (5), CONNECT_SECONDS (5),
-# RR_CONNS (16), CONNECT_LOOPS (8), IDLE_CONNS (5000), TARGETS (all), KEEP_LOGS (0).
+# RR_CONNS (16), CONNECT_LOOPS (8), IDLE_CONNS (5000), ROUNDS (3), TARGETS (all), KEEP_LOGS (0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -19,6 +19,7 @@ RR_CONNS=${RR_CONNS:-16}
 CONNECT_LOOPS=${CONNECT_LOOPS:-8}
 IDLE_CONNS=${IDLE_CONNS:-5000}
 TARGETS=${TARGETS:-"direct switchyard haproxy haproxy_splice nginx"}
+ROUNDS=${ROUNDS:-3}
 KEEP_LOGS=${KEEP_LOGS:-0}
 NGINX_STREAM_MODULE=/usr/lib/nginx/modules/ngx_stream_module.so
 
@@ -225,20 +226,20 @@ EOF
   BULK_AT=$p_bulk
 }
 
-# Results: R[target.metric] = value.
+# Results: R[target.metric] = value; per round R[target.metric.round] first.
 declare -A R
+declare -A PID ECHO BULK
 
-# run_idle TARGET: RSS per idle connection on a freshly started proxy.
+# run_idle TARGET: RSS per idle connection on the freshly started proxy.
 run_idle() {
-  local t=$1 before after opened
-  [ -n "$PROXY_PID" ] || return 0
-  sleep 0.5
-  before=$(rss_kb "$PROXY_PID")
-  start "$t-idle" "$LOADGEN" idle --to "127.0.0.1:$ECHO_AT" --conns "$IDLE_CONNS" --hold-seconds 120
-  local idle_pid=$STARTED
+  local t=$1 pid=${PID[$1]} before after opened idle_pid
+  [ -n "$pid" ] || return 0
+  before=$(rss_kb "$pid")
+  start "$t-idle" "$LOADGEN" idle --to "127.0.0.1:${ECHO[$t]}" --conns "$IDLE_CONNS" --hold-seconds 120
+  idle_pid=$STARTED
   wait_for "$WORK/$t-idle.log" '^ready' 90 || die "$t: idle connections did not open"
   sleep 1
-  after=$(rss_kb "$PROXY_PID")
+  after=$(rss_kb "$pid")
   opened=$(sed -n 's/^ready opened=\([0-9]*\).*/\1/p' "$WORK/$t-idle.log")
   stop_pid "$idle_pid"
   log "$t idle: opened $opened, RSS ${before} kB -> ${after} kB"
@@ -246,67 +247,84 @@ run_idle() {
     R[$t.idle_bytes]=$(calc '%.0f' "($after - $before) * 1024 / $opened")
   fi
   [ "$opened" = "$IDLE_CONNS" ] || R[$t.idle_note]="only $opened of $IDLE_CONNS opened"
-  sleep 1
 }
 
-# run_bulk TARGET STREAMS
+# run_bulk TARGET STREAMS ROUND
 run_bulk() {
-  local t=$1 n=$2 c0 c1 json bytes bps
-  json=$WORK/$t-bulk$n.json
-  [ -z "$PROXY_PID" ] || c0=$(cpu_ticks "$PROXY_PID")
-  if ! timeout $((BULK_SECONDS + 30)) iperf3 -c 127.0.0.1 -p "$BULK_AT" -t "$BULK_SECONDS" -P "$n" -J >"$json" 2>&1; then
+  local t=$1 n=$2 r=$3 pid=${PID[$1]} c0 c1 json bytes bps
+  json=$WORK/$t-bulk$n-$r.json
+  [ -z "$pid" ] || c0=$(cpu_ticks "$pid")
+  if ! timeout $((BULK_SECONDS + 30)) iperf3 -c 127.0.0.1 -p "${BULK[$t]}" -t "$BULK_SECONDS" -P "$n" -J >"$json" 2>&1; then
     log "$t: iperf3 -P $n failed: $(jq -r '.error // empty' "$json" 2>/dev/null)"
     return 0
   fi
-  [ -z "$PROXY_PID" ] || c1=$(cpu_ticks "$PROXY_PID")
+  [ -z "$pid" ] || c1=$(cpu_ticks "$pid")
   bytes=$(jq '.end.sum_received.bytes' "$json")
   bps=$(jq '.end.sum_received.bits_per_second' "$json")
-  R[$t.bulk${n}_gbps]=$(calc '%.2f' "$bps / 1e9")
-  if [ -n "$PROXY_PID" ]; then
-    R[$t.bulk${n}_cpu]=$(calc '%.3f' "($c1 - $c0) / $CLK_TCK / ($bytes / 1e9)")
-  fi
-  log "$t bulk -P $n: ${R[$t.bulk${n}_gbps]} Gbit/s, CPU ${R[$t.bulk${n}_cpu]:--} s/GB"
-  sleep 1
+  R[$t.bulk${n}_gbps.$r]=$(calc '%.2f' "$bps / 1e9")
+  [ -z "$pid" ] || R[$t.bulk${n}_cpu.$r]=$(calc '%.3f' "($c1 - $c0) / $CLK_TCK / ($bytes / 1e9)")
+  log "round $r $t bulk -P $n: ${R[$t.bulk${n}_gbps.$r]} Gbit/s, CPU ${R[$t.bulk${n}_cpu.$r]:--} s/GB"
 }
 
-# run_load TARGET MODE (rr | connect)
+# run_load TARGET MODE ROUND (MODE: rr | connect)
 run_load() {
-  local t=$1 mode=$2 c0 c1 out count errors
-  out=$WORK/$t-$mode.log
-  [ -z "$PROXY_PID" ] || c0=$(cpu_ticks "$PROXY_PID")
+  local t=$1 mode=$2 r=$3 pid=${PID[$1]} c0 c1 out count errors args
+  out=$WORK/$t-$mode-$r.log
   if [ "$mode" = rr ]; then
-    timeout $((RR_SECONDS + 60)) "$LOADGEN" rr --to "127.0.0.1:$ECHO_AT" --conns "$RR_CONNS" \
-      --seconds "$RR_SECONDS" >"$out" 2>&1 || { log "$t: rr failed: $(cat "$out")"; return 0; }
+    args=(rr --conns "$RR_CONNS" --seconds "$RR_SECONDS")
   else
-    timeout $((CONNECT_SECONDS + 60)) "$LOADGEN" connect --to "127.0.0.1:$ECHO_AT" \
-      --concurrency "$CONNECT_LOOPS" --seconds "$CONNECT_SECONDS" >"$out" 2>&1 ||
-      { log "$t: connect failed: $(cat "$out")"; return 0; }
+    args=(connect --concurrency "$CONNECT_LOOPS" --seconds "$CONNECT_SECONDS")
   fi
-  [ -z "$PROXY_PID" ] || c1=$(cpu_ticks "$PROXY_PID")
+  [ -z "$pid" ] || c0=$(cpu_ticks "$pid")
+  timeout 120 "$LOADGEN" "${args[@]}" --to "127.0.0.1:${ECHO[$t]}" >"$out" 2>&1 ||
+    { log "$t: $mode failed: $(cat "$out")"; return 0; }
+  [ -z "$pid" ] || c1=$(cpu_ticks "$pid")
   count=$(sed -n 's/.* \(requests\|connections\)=\([0-9]*\).*/\2/p' "$out")
   errors=$(sed -n 's/.* errors=\([0-9]*\).*/\1/p' "$out")
-  R[$t.${mode}_rate]=$(sed -n 's/.* rate=\([0-9]*\).*/\1/p' "$out")
-  R[$t.${mode}_p50]=$(sed -n 's/.* p50_us=\([0-9.]*\).*/\1/p' "$out")
-  R[$t.${mode}_p99]=$(sed -n 's/.* p99_us=\([0-9.]*\).*/\1/p' "$out")
-  [ "${errors:-0}" = 0 ] || R[$t.${mode}_note]="$errors errors"
-  if [ -n "$PROXY_PID" ] && [ "${count:-0}" -gt 0 ]; then
-    R[$t.${mode}_cpu]=$(calc '%.2f' "($c1 - $c0) * 1e6 / $CLK_TCK / $count")
+  R[$t.${mode}_rate.$r]=$(sed -n 's/.* rate=\([0-9]*\).*/\1/p' "$out")
+  R[$t.${mode}_p50.$r]=$(sed -n 's/.* p50_us=\([0-9.]*\).*/\1/p' "$out")
+  R[$t.${mode}_p99.$r]=$(sed -n 's/.* p99_us=\([0-9.]*\).*/\1/p' "$out")
+  [ "${errors:-0}" = 0 ] || R[$t.${mode}_errors]=$((${R[$t.${mode}_errors]:-0} + errors))
+  if [ -n "$pid" ] && [ "${count:-0}" -gt 0 ]; then
+    R[$t.${mode}_cpu.$r]=$(calc '%.2f' "($c1 - $c0) * 1e6 / $CLK_TCK / $count")
   fi
-  log "$t $mode: $(cat "$out")${PROXY_PID:+, proxy CPU ${R[$t.${mode}_cpu]:-?} µs each}"
-  sleep 1
+  log "round $r $t $mode: $(cat "$out")${pid:+, proxy CPU ${R[$t.${mode}_cpu.$r]:-?} µs each}"
+}
+
+median() {
+  printf '%s\n' "$@" | sort -g |
+    awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.6g\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
 
 for t in $TARGETS; do
-  log "--- $t"
   start_target "$t"
-  run_idle "$t"
-  run_bulk "$t" 1
-  run_bulk "$t" 4
-  run_load "$t" rr
-  run_load "$t" connect
-  if [ -n "$PROXY_PID" ]; then
-    stop_pid "$PROXY_PID"
-  fi
+  PID[$t]=$PROXY_PID
+  ECHO[$t]=$ECHO_AT
+  BULK[$t]=$BULK_AT
+done
+log "targets started: $(for t in $TARGETS; do printf '%s(%s) ' "$t" "${PID[$t]:-none}"; done)"
+# Memory first, on fresh processes; then the rounds, every target back to back per test so
+# they share the machine's conditions.
+for t in $TARGETS; do run_idle "$t"; done
+for r in $(seq "$ROUNDS"); do
+  for t in $TARGETS; do run_bulk "$t" 1 "$r"; done
+  for t in $TARGETS; do run_bulk "$t" 4 "$r"; done
+  for t in $TARGETS; do run_load "$t" rr "$r"; done
+  for t in $TARGETS; do run_load "$t" connect "$r"; done
+done
+for t in $TARGETS; do
+  [ -z "${PID[$t]}" ] || stop_pid "${PID[$t]}"
+  for m in bulk1_gbps bulk4_gbps bulk1_cpu bulk4_cpu rr_rate rr_p50 rr_p99 rr_cpu \
+    connect_rate connect_p50 connect_p99 connect_cpu; do
+    vals=()
+    for r in $(seq "$ROUNDS"); do
+      [ -z "${R[$t.$m.$r]:-}" ] || vals+=("${R[$t.$m.$r]}")
+    done
+    [ ${#vals[@]} -eq 0 ] || R[$t.$m]=$(median "${vals[@]}")
+  done
+  for mode in rr connect; do
+    [ -z "${R[$t.${mode}_errors]:-}" ] || R[$t.${mode}_note]="${R[$t.${mode}_errors]} errors"
+  done
 done
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 
@@ -354,6 +372,7 @@ TABLE=$WORK/table.md
   echo "Machine: $NPROC × $CPU_MODEL, Linux $KERNEL. Date: $DATE."
   echo "Load average at start $LOAD_START, at end $LOAD_END (other work shared the machine: rates are noisy, CPU per unit of work is the steadier figure)."
   echo "Switchyard runs with \`--log-level warn\` (no per-connection log line); HAProxy and nginx run without access logs."
+  echo "Each figure is the median of $ROUNDS rounds; within a round every target runs each test back to back."
   echo "Kept-alive: $RR_CONNS connections, 64-byte request/reply, ${RR_SECONDS}s. New connections: $CONNECT_LOOPS loops of connect/64 B/reply/close, ${CONNECT_SECONDS}s. Bulk: iperf3, ${BULK_SECONDS}s. Idle: $IDLE_CONNS connections after one round trip each."
   echo
   header="| metric |"

@@ -92,38 +92,20 @@ fn is_unsupported(e: &io::Error) -> bool {
     )
 }
 
-/// What one buffered read-and-write did.
-enum Copied {
+/// What one buffered read found.
+enum Received {
     /// The source reached EOF.
     Eof,
     /// The socket had nothing to read after all.
     Nothing,
-    /// A short read, written out: the socket is drained.
-    Drained,
-    /// The read filled the buffer, written out: more is probably waiting.
-    Filled,
+    /// `n` bytes; `full` when they filled the buffer, so more is probably waiting.
+    Data { n: usize, full: bool },
 }
 
-/// Receives once into a pooled buffer and writes it all to `dst`. A short read clears the
-/// read readiness in the same step (tokio's `try_io` clears with the readiness observed
-/// before the read, so data arriving after it still wakes the task).
-async fn copy_once(
-    src: &TcpStream,
-    dst: &TcpStream,
-    progress: &Progress<'_>,
-) -> Result<Copied, PumpError> {
-    let mut buffer = take_buffer();
-    let result = copy_with(&mut buffer, src, dst, progress).await;
-    give_buffer(buffer);
-    result
-}
-
-async fn copy_with(
-    buffer: &mut [u8],
-    src: &TcpStream,
-    dst: &TcpStream,
-    progress: &Progress<'_>,
-) -> Result<Copied, PumpError> {
+/// Receives once into `buffer`. A short read clears the read readiness in the same step
+/// (tokio's `try_io` clears with the readiness observed before the read, so data arriving
+/// after it still wakes the task).
+fn receive(src: &TcpStream, buffer: &mut [u8]) -> Result<Received, PumpError> {
     let mut short = 0;
     let read = src.try_io(Interest::READABLE, || {
         let n = (&*socket2::SockRef::from(src)).read(buffer)?;
@@ -133,30 +115,16 @@ async fn copy_with(
         }
         Ok(n)
     });
-    let n = match read {
-        Ok(0) => return Ok(Copied::Eof),
-        Ok(n) => n,
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock && short > 0 => short,
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Copied::Nothing),
-        Err(e) => return Err(PumpError::Read(e)),
-    };
-    let mut written = 0;
-    while written < n {
-        dst.writable().await.map_err(PumpError::Write)?;
-        match dst.try_io(Interest::WRITABLE, || dst_write(dst, &buffer[written..n])) {
-            Ok(m) => {
-                written += m;
-                progress.add(m);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(PumpError::Write(e)),
-        }
+    match read {
+        Ok(0) => Ok(Received::Eof),
+        Ok(n) => Ok(Received::Data { n, full: true }),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && short > 0 => Ok(Received::Data {
+            n: short,
+            full: false,
+        }),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Received::Nothing),
+        Err(e) => Err(PumpError::Read(e)),
     }
-    Ok(if n == buffer.len() {
-        Copied::Filled
-    } else {
-        Copied::Drained
-    })
 }
 
 pub(super) async fn pump(
@@ -171,14 +139,34 @@ pub(super) async fn pump(
     loop {
         src.readable().await.map_err(PumpError::Read)?;
         if !splicing {
-            match copy_once(src, dst, progress).await? {
-                Copied::Eof => {
+            let mut buffer = take_buffer();
+            let (n, full) = match receive(src, &mut buffer)? {
+                Received::Eof => {
+                    give_buffer(buffer);
                     half_close(dst);
                     return Ok(());
                 }
-                Copied::Nothing | Copied::Drained => {}
-                Copied::Filled => splicing = true,
+                Received::Nothing => {
+                    give_buffer(buffer);
+                    continue;
+                }
+                Received::Data { n, full } => (n, full),
+            };
+            let mut written = 0;
+            while written < n {
+                dst.writable().await.map_err(PumpError::Write)?;
+                match dst.try_io(Interest::WRITABLE, || dst_write(dst, &buffer[written..n])) {
+                    Ok(m) => {
+                        written += m;
+                        progress.add(m);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(PumpError::Write(e)),
+                }
             }
+            give_buffer(buffer);
+            // A full buffer means a transfer is under way: splice it.
+            splicing = full;
             continue;
         }
         // Socket → pipe. The pipe is empty here, so EAGAIN means the socket has no data.
