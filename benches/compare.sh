@@ -306,11 +306,14 @@ log "targets started: $(for t in $TARGETS; do printf '%s(%s) ' "$t" "${PID[$t]:-
 # Memory first, on fresh processes; then the rounds, every target back to back per test so
 # they share the machine's conditions.
 for t in $TARGETS; do run_idle "$t"; done
+# Each round starts with a different target, so none always runs first.
+read -r -a ORDER <<<"$TARGETS"
 for r in $(seq "$ROUNDS"); do
-  for t in $TARGETS; do run_bulk "$t" 1 "$r"; done
-  for t in $TARGETS; do run_bulk "$t" 4 "$r"; done
-  for t in $TARGETS; do run_load "$t" rr "$r"; done
-  for t in $TARGETS; do run_load "$t" connect "$r"; done
+  for t in "${ORDER[@]}"; do run_bulk "$t" 1 "$r"; done
+  for t in "${ORDER[@]}"; do run_bulk "$t" 4 "$r"; done
+  for t in "${ORDER[@]}"; do run_load "$t" rr "$r"; done
+  for t in "${ORDER[@]}"; do run_load "$t" connect "$r"; done
+  ORDER=("${ORDER[@]:1}" "${ORDER[0]}")
 done
 for t in $TARGETS; do
   [ -z "${PID[$t]}" ] || stop_pid "${PID[$t]}"
@@ -372,7 +375,7 @@ TABLE=$WORK/table.md
   echo "Machine: $NPROC × $CPU_MODEL, Linux $KERNEL. Date: $DATE."
   echo "Load average at start $LOAD_START, at end $LOAD_END (other work shared the machine: rates are noisy, CPU per unit of work is the steadier figure)."
   echo "Switchyard runs with \`--log-level warn\` (no per-connection log line); HAProxy and nginx run without access logs."
-  echo "Each figure is the median of $ROUNDS rounds; within a round every target runs each test back to back."
+  echo "Each figure is the median of $ROUNDS rounds; within a round every target runs each test back to back, and each round starts with a different target."
   echo "Kept-alive: $RR_CONNS connections, 64-byte request/reply, ${RR_SECONDS}s. New connections: $CONNECT_LOOPS loops of connect/64 B/reply/close, ${CONNECT_SECONDS}s. Bulk: iperf3, ${BULK_SECONDS}s. Idle: $IDLE_CONNS connections after one round trip each."
   echo
   header="| metric |"
