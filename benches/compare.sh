@@ -28,21 +28,29 @@ die() { log "error: $*"; exit 1; }
 
 # --- Packages -------------------------------------------------------------------------------
 install_packages() {
-  local want=(haproxy nginx libnginx-mod-stream iperf3 jq) missing=() p
+  local want=(haproxy nginx libnginx-mod-stream iperf3 jq) missing=() p sudo=()
   for p in "${want[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
   done
-  [ -e "$NGINX_STREAM_MODULE" ] || missing+=(libnginx-mod-stream)
-  if [ ${#missing[@]} -eq 0 ]; then
-    log "packages present: ${want[*]}"
-    return
+  if [ "$(id -u)" != 0 ]; then
+    if ! command -v sudo >/dev/null; then
+      [ ${#missing[@]} -eq 0 ] || die "not root and no sudo: install ${missing[*]} first"
+      log "not root: skipping apt-get (all of ${want[*]} present)"
+      return
+    fi
+    sudo=(sudo)
   fi
-  local sudo=()
-  [ "$(id -u)" = 0 ] || sudo=(sudo)
-  log "installing: ${missing[*]}"
-  "${sudo[@]}" apt-get -o DPkg::Lock::Timeout=600 update -qq
+  # Package lists are only needed when something is missing. Installing what is present is a
+  # quick no-op that still checks the set is complete; --no-upgrade keeps the versions being
+  # compared as they are.
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing: ${missing[*]}"
+    "${sudo[@]}" apt-get -o DPkg::Lock::Timeout=600 update -qq
+  fi
   "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-    -o DPkg::Lock::Timeout=600 --no-install-recommends "${missing[@]}"
+    -o DPkg::Lock::Timeout=600 --no-install-recommends --no-upgrade "${want[@]}" >/dev/null
+  [ -e "$NGINX_STREAM_MODULE" ] || die "nginx stream module not found at $NGINX_STREAM_MODULE"
+  log "packages: ${want[*]} installed"
 }
 command -v apt-get >/dev/null || die "apt-get not found: this script expects Debian or Ubuntu"
 install_packages
