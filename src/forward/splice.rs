@@ -11,7 +11,7 @@
 //! read that fills the buffer means a transfer is under way: the direction switches to splice
 //! until a splice read comes back small again.
 
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
 use std::sync::Mutex;
 
@@ -32,8 +32,9 @@ static POOL: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
 
 /// Reads up to this size are copied through a buffer; a read that fills it switches to splice.
 const SMALL_READ: usize = 16 * 1024;
-/// Buffers kept for reuse. A buffer is held only between a read and the end of its write.
-const BUFFERS_MAX: usize = 256;
+/// Buffers kept for reuse. A buffer is held only between a read and the end of its write,
+/// which usually happens without waiting.
+const BUFFERS_MAX: usize = 64;
 
 static BUFFERS: Mutex<Vec<Box<[u8]>>> = Mutex::new(Vec::new());
 
@@ -127,6 +128,29 @@ fn receive(src: &TcpStream, buffer: &mut [u8]) -> Result<Received, PumpError> {
     }
 }
 
+/// Sends at once, without waiting for tokio to report the socket writable: a freshly
+/// connected backend has no readiness recorded yet, and a socket with room takes the whole
+/// message, so the buffer usually goes back to the pool before any await. Returns the bytes
+/// sent (0 when the socket is full).
+fn send_now(dst: &TcpStream, bytes: &[u8]) -> Result<usize, PumpError> {
+    match (&*socket2::SockRef::from(dst)).write(bytes) {
+        Ok(0) => Err(PumpError::Write(io::Error::new(
+            io::ErrorKind::WriteZero,
+            "peer accepted no bytes",
+        ))),
+        Ok(n) => Ok(n),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            ) =>
+        {
+            Ok(0)
+        }
+        Err(e) => Err(PumpError::Write(e)),
+    }
+}
+
 pub(super) async fn pump(
     src: &TcpStream,
     dst: &TcpStream,
@@ -152,7 +176,8 @@ pub(super) async fn pump(
                 }
                 Received::Data { n, full } => (n, full),
             };
-            let mut written = 0;
+            let mut written = send_now(dst, &buffer[..n])?;
+            progress.add(written);
             while written < n {
                 dst.writable().await.map_err(PumpError::Write)?;
                 match dst.try_io(Interest::WRITABLE, || dst_write(dst, &buffer[written..n])) {
