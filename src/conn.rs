@@ -309,7 +309,7 @@ async fn connect(pool: &Pool, key: u64) -> Result<(usize, TcpStream), CloseReaso
         let t0 = Instant::now();
         let error = match tokio::time::timeout(
             pool.config.connect_timeout,
-            TcpStream::connect(backend.addr.0),
+            connect_backend(backend.addr.0),
         )
         .await
         {
@@ -340,6 +340,35 @@ async fn connect(pool: &Pool, key: u64) -> Result<(usize, TcpStream), CloseReaso
         }
     }
     Err(CloseReason::ConnectFailed)
+}
+
+/// Connects to a backend. On loopback and fast links the handshake has often completed by
+/// the time connect(2) returns EINPROGRESS; when the socket already has a peer, forwarding
+/// starts without a trip through the event loop for the writable event.
+async fn connect_backend(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let domain = Domain::for_address(addr);
+    #[cfg(target_os = "linux")]
+    let socket = Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
+    #[cfg(not(target_os = "linux"))]
+    let socket = {
+        let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_nonblocking(true)?;
+        socket
+    };
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let stream = TcpStream::from_std(socket.into())?;
+    if stream.peer_addr().is_err() {
+        stream.writable().await?;
+        if let Some(e) = stream.take_error()? {
+            return Err(e);
+        }
+    }
+    Ok(stream)
 }
 
 #[cfg(test)]

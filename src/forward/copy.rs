@@ -46,7 +46,7 @@ pub(super) async fn pump(
     }
 }
 
-fn dst_write(dst: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
+pub(super) fn dst_write(dst: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
     match dst.try_write(bytes) {
         Ok(0) => Err(io::Error::new(
             io::ErrorKind::WriteZero,

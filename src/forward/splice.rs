@@ -1,9 +1,17 @@
 //! Zero-copy forwarding on Linux: socket → pipe → socket with `splice(2)`, driven by tokio
-//! readiness, so payload bytes never enter user space. Each direction owns a pipe for as
-//! long as it runs; pipes come from a small process-wide pool and are created on the first
-//! byte, so idle connections hold none.
+//! readiness, so payload bytes never enter user space. Each direction holds a pipe only
+//! while bytes are moving: it takes one from a small process-wide pool when its socket turns
+//! readable and gives it back, empty, as soon as the socket has nothing more to read, so idle
+//! connections hold none.
+//!
+//! Small messages (requests, replies, handshakes) take a cheaper road, as HAProxy's
+//! `splice-auto` does: a read that fits in [`SMALL_READ`] bytes is received into a pooled
+//! buffer and sent on. A short `recv` proves the socket drained, which saves the extra
+//! `EAGAIN` probe a splice read needs, and a message costs two syscalls instead of three. A
+//! read that fills the buffer means a transfer is under way: the direction switches to splice
+//! until a splice read comes back small again.
 
-use std::io;
+use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
 use std::sync::Mutex;
 
@@ -12,6 +20,7 @@ use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
+use super::copy::dst_write;
 use super::{half_close, Progress, PumpError};
 
 /// Requested pipe capacity; the kernel may grant less (pipe-max-size, per-user limits).
@@ -20,6 +29,30 @@ const PIPE_SIZE: i32 = 256 * 1024;
 const POOL_MAX: usize = 1024;
 
 static POOL: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
+
+/// Reads up to this size are copied through a buffer; a read that fills it switches to splice.
+const SMALL_READ: usize = 16 * 1024;
+/// Buffers kept for reuse. A buffer is held only between a read and the end of its write,
+/// which usually happens without waiting.
+const BUFFERS_MAX: usize = 64;
+
+static BUFFERS: Mutex<Vec<Box<[u8]>>> = Mutex::new(Vec::new());
+
+fn take_buffer() -> Box<[u8]> {
+    BUFFERS
+        .lock()
+        .ok()
+        .and_then(|mut pool| pool.pop())
+        .unwrap_or_else(|| vec![0; SMALL_READ].into_boxed_slice())
+}
+
+fn give_buffer(buffer: Box<[u8]>) {
+    if let Ok(mut pool) = BUFFERS.lock() {
+        if pool.len() < BUFFERS_MAX {
+            pool.push(buffer);
+        }
+    }
+}
 
 struct Pipe {
     read: OwnedFd,
@@ -60,6 +93,64 @@ fn is_unsupported(e: &io::Error) -> bool {
     )
 }
 
+/// What one buffered read found.
+enum Received {
+    /// The source reached EOF.
+    Eof,
+    /// The socket had nothing to read after all.
+    Nothing,
+    /// `n` bytes; `full` when they filled the buffer, so more is probably waiting.
+    Data { n: usize, full: bool },
+}
+
+/// Receives once into `buffer`. A short read clears the read readiness in the same step
+/// (tokio's `try_io` clears with the readiness observed before the read, so data arriving
+/// after it still wakes the task).
+fn receive(src: &TcpStream, buffer: &mut [u8]) -> Result<Received, PumpError> {
+    let mut short = 0;
+    let read = src.try_io(Interest::READABLE, || {
+        let n = (&*socket2::SockRef::from(src)).read(buffer)?;
+        if n > 0 && n < buffer.len() {
+            short = n;
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match read {
+        Ok(0) => Ok(Received::Eof),
+        Ok(n) => Ok(Received::Data { n, full: true }),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && short > 0 => Ok(Received::Data {
+            n: short,
+            full: false,
+        }),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Received::Nothing),
+        Err(e) => Err(PumpError::Read(e)),
+    }
+}
+
+/// Sends at once, without waiting for tokio to report the socket writable: a freshly
+/// connected backend has no readiness recorded yet, and a socket with room takes the whole
+/// message, so the buffer usually goes back to the pool before any await. Returns the bytes
+/// sent (0 when the socket is full).
+fn send_now(dst: &TcpStream, bytes: &[u8]) -> Result<usize, PumpError> {
+    match (&*socket2::SockRef::from(dst)).write(bytes) {
+        Ok(0) => Err(PumpError::Write(io::Error::new(
+            io::ErrorKind::WriteZero,
+            "peer accepted no bytes",
+        ))),
+        Ok(n) => Ok(n),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            ) =>
+        {
+            Ok(0)
+        }
+        Err(e) => Err(PumpError::Write(e)),
+    }
+}
+
 pub(super) async fn pump(
     src: &TcpStream,
     dst: &TcpStream,
@@ -67,9 +158,43 @@ pub(super) async fn pump(
 ) -> Result<(), PumpError> {
     let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
     let mut pipe: Option<Pipe> = None;
+    let mut splicing = false;
+    let mut spliced_any = false;
     loop {
-        // Socket → pipe. The pipe is empty here, so EAGAIN means the socket has no data.
         src.readable().await.map_err(PumpError::Read)?;
+        if !splicing {
+            let mut buffer = take_buffer();
+            let (n, full) = match receive(src, &mut buffer)? {
+                Received::Eof => {
+                    give_buffer(buffer);
+                    half_close(dst);
+                    return Ok(());
+                }
+                Received::Nothing => {
+                    give_buffer(buffer);
+                    continue;
+                }
+                Received::Data { n, full } => (n, full),
+            };
+            let mut written = send_now(dst, &buffer[..n])?;
+            progress.add(written);
+            while written < n {
+                dst.writable().await.map_err(PumpError::Write)?;
+                match dst.try_io(Interest::WRITABLE, || dst_write(dst, &buffer[written..n])) {
+                    Ok(m) => {
+                        written += m;
+                        progress.add(m);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(PumpError::Write(e)),
+                }
+            }
+            give_buffer(buffer);
+            // A full buffer means a transfer is under way: splice it.
+            splicing = full;
+            continue;
+        }
+        // Socket → pipe. The pipe is empty here, so EAGAIN means the socket has no data.
         let p = match pipe.as_ref() {
             Some(p) => p,
             None => pipe.insert(Pipe::take().map_err(PumpError::Read)?),
@@ -85,12 +210,23 @@ pub(super) async fn pump(
                 return Ok(());
             }
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) if progress.moved() == 0 && is_unsupported(&e) => {
-                return Err(PumpError::Unsupported(e))
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Nothing to read and the pipe is empty: an idle direction holds no pipe.
+                if let Some(p) = pipe.take() {
+                    p.give_back();
+                }
+                continue;
+            }
+            // Nothing was consumed from the socket: the buffered copy can take over.
+            Err(e) if !spliced_any && is_unsupported(&e) => {
+                if let Some(p) = pipe.take() {
+                    p.give_back();
+                }
+                return Err(PumpError::Unsupported(e));
             }
             Err(e) => return Err(PumpError::Read(e)),
         };
+        spliced_any = true;
         // Pipe → socket. The pipe holds `left` bytes, so EAGAIN means the socket is full.
         let mut left = filled;
         while left > 0 {
@@ -112,5 +248,93 @@ pub(super) async fn pump(
                 Err(e) => return Err(PumpError::Write(e)),
             }
         }
+        if filled < SMALL_READ {
+            // The transfer has slowed to small messages: back to buffered reads.
+            splicing = false;
+            if let Some(p) = pipe.take() {
+                p.give_back();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU64;
+    use std::time::Duration;
+
+    use prometheus::IntCounter;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::super::{Activity, Progress};
+    use super::*;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let near = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (far, _) = listener.accept().await.expect("accept");
+        (near, far)
+    }
+
+    fn pooled() -> usize {
+        POOL.lock().map(|pool| pool.len()).unwrap_or(0)
+    }
+
+    /// After a transfer large enough to be spliced, a direction with nothing more to read
+    /// returns its pipe to the pool while the connection stays open, and still forwards EOF.
+    #[tokio::test]
+    async fn idle_direction_holds_no_pipe() {
+        let (mut client, src) = pair().await;
+        let (dst, mut receiver) = pair().await;
+        let counter = IntCounter::new("bytes", "bytes").expect("counter");
+        let activity = Activity {
+            started: tokio::time::Instant::now(),
+            last_ns: AtomicU64::new(0),
+        };
+        let progress = Progress {
+            moved: AtomicU64::new(0),
+            counter: &counter,
+            activity: &activity,
+        };
+        let before = pooled();
+        let pump = pump(&src, &dst, &progress);
+        tokio::pin!(pump);
+
+        let sent: Vec<u8> = (0..4 * SMALL_READ).map(|i| (i % 251) as u8).collect();
+        let mut got = vec![0u8; sent.len()];
+        let transfer = async {
+            client.write_all(&sent).await?;
+            receiver.read_exact(&mut got).await
+        };
+        tokio::select! {
+            done = &mut pump => panic!("pump ended early: {done:?}"),
+            moved = transfer => { moved.expect("transfer"); }
+        }
+        assert!(got == sent, "bytes differ");
+
+        let mut waited = Duration::ZERO;
+        while pooled() <= before {
+            assert!(
+                waited < Duration::from_secs(10),
+                "pipe not returned while idle"
+            );
+            tokio::select! {
+                done = &mut pump => panic!("pump ended early: {done:?}"),
+                () = tokio::time::sleep(Duration::from_millis(10)) => waited += Duration::from_millis(10),
+            }
+        }
+
+        drop(client);
+        let done = tokio::time::timeout(Duration::from_secs(10), &mut pump)
+            .await
+            .expect("pump ends after EOF");
+        assert!(done.is_ok(), "{done:?}");
+        let mut rest = Vec::new();
+        receiver.read_to_end(&mut rest).await.expect("read to EOF");
+        assert!(rest.is_empty());
+        assert_eq!(progress.moved(), sent.len() as u64);
     }
 }
