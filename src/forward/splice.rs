@@ -297,6 +297,7 @@ mod tests {
         let progress = Progress {
             moved: AtomicU64::new(0),
             counter: &counter,
+            backend_counter: &counter,
             activity: &activity,
         };
         let before = pooled();
