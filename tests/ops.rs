@@ -703,3 +703,60 @@ async fn every_weight_zero_through_the_api_refuses_new_connections_cleanly() {
         assert_eq!(backend(&s, "p", "a")["weight"], 0, "{balance}");
     }
 }
+
+#[tokio::test]
+async fn reload_closes_connections_of_removed_backends_only_in_close_connections_pools() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let c = Backend::start("c").await;
+    let d = Backend::start("d").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("switchyard.yaml");
+    let yaml = |close: &[&Backend], keep: &[&Backend]| {
+        let list = |bs: &[&Backend]| {
+            bs.iter()
+                .map(|x| format!("{{ name: {}, address: \"{}\" }}", x.name, x.addr))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        format!(
+            "listeners:\n  - {{ name: lc, bind: 127.0.0.1:0, pool: pc }}\n  - {{ name: lk, bind: 127.0.0.1:0, pool: pk }}\npools:\n  - name: pc\n    on_backend_down: close_connections\n    backends: [{}]\n  - name: pk\n    backends: [{}]\n",
+            list(close),
+            list(keep)
+        )
+    };
+    write_file(&path, &yaml(&[&a, &b], &[&c, &d]));
+    let lb = Balancer::start_file(&path).await;
+    let (first, mut to_a) = greet(TcpStream::connect(lb.addr("lc")).await.unwrap()).await;
+    assert_eq!(first, "a");
+    let (second, mut to_b) = greet(TcpStream::connect(lb.addr("lc")).await.unwrap()).await;
+    assert_eq!(second, "b");
+    let (third, mut to_c) = greet(TcpStream::connect(lb.addr("lk")).await.unwrap()).await;
+    assert_eq!(third, "c");
+
+    // a leaves the close_connections pool, c leaves the keep pool.
+    write_file(&path, &yaml(&[&b], &[&d]));
+    lb.control.reload().await.expect("reload");
+
+    let rest = read_to_end(&mut to_a).await;
+    assert!(
+        rest.is_empty(),
+        "the removed backend's connection is closed"
+    );
+    wait_for("backend_down close counted", || {
+        lb.counter(
+            "switchyard_listener_connections_closed_total",
+            &[("reason", "backend_down")],
+        ) == 1
+    })
+    .await;
+    // The kept backend of that pool, and the removed one of a keep pool, go on.
+    for held in [&mut to_b, &mut to_c] {
+        held.get_mut().write_all(b"still").await.unwrap();
+        let mut buf = [0u8; 5];
+        within("echo", held.read_exact(&mut buf)).await.unwrap();
+        assert_eq!(&buf, b"still");
+    }
+    assert_eq!(backend_of(lb.addr("lc")).await, "b");
+    assert_eq!(backend_of(lb.addr("lk")).await, "d");
+}

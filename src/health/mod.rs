@@ -86,6 +86,34 @@ pub fn initial_status(pool: &PoolConfig) -> HealthStatus {
     }
 }
 
+/// After a reload: closes the open connections of every backend that `previous` had and
+/// `current` no longer has (removed, its pool removed, or its address changed), when its
+/// pool said `on_backend_down: close_connections`. Other connections are never cut.
+pub fn close_removed(previous: &Snapshot, current: &Snapshot) {
+    for (name, old) in &previous.pools {
+        if old.config.on_backend_down != OnBackendDown::CloseConnections {
+            continue;
+        }
+        let new = current.pools.get(name);
+        for b in &old.backends {
+            let kept = new.is_some_and(|p| {
+                p.backends
+                    .iter()
+                    .any(|n| n.name == b.name && n.addr == b.addr)
+            });
+            if kept {
+                continue;
+            }
+            let open = b.state.active();
+            b.state
+                .close_connections(crate::conn::CloseReason::BackendDown);
+            if open > 0 {
+                tracing::warn!(pool = %name, backend = %b.name, open_connections = open, "backend removed by reload; closing its open connections (on_backend_down: close_connections)");
+            }
+        }
+    }
+}
+
 /// What a pool's probers were started from; a change restarts them.
 #[derive(Debug, Clone, PartialEq)]
 struct PoolSpec {
