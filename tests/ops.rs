@@ -142,6 +142,8 @@ async fn metrics_export_exactly_the_names_in_metrics_rs() {
             .is_some_and(|s| s.last_check().is_some())
     })
     .await;
+    // Ready (and `switchyard_ready` 1) once the first checks have run.
+    wait_for("ready", || lb.control.is_ready()).await;
     let admin = lb.admin.unwrap();
     let mut s = TcpStream::connect(lb.addr("l")).await.unwrap();
     let (name, mut reader) = greet(s).await;
@@ -759,4 +761,29 @@ async fn reload_closes_connections_of_removed_backends_only_in_close_connections
     }
     assert_eq!(backend_of(lb.addr("lc")).await, "b");
     assert_eq!(backend_of(lb.addr("lk")).await, "d");
+}
+
+#[tokio::test]
+async fn readyz_waits_for_the_first_checks() {
+    // Accepts TCP (the kernel completes the handshake) and never answers: the first check
+    // of this backend lasts its whole timeout.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = Backend::start("a").await;
+    let yaml = format!(
+        "admin:\n  bind: 127.0.0.1:0\nlisteners:\n  - {{ name: l, bind: 127.0.0.1:0, pool: p }}\npools:\n  - name: p\n    health_check: {{ type: mongodb, interval: 1h, timeout: 3s, mongodb: {{ role: any }} }}\n    backends: [{{ name: silent, address: \"{}\" }}]\n  - name: q\n    backends: [{{ name: a, address: \"{}\" }}]\n",
+        silent.local_addr().unwrap(),
+        a.addr
+    );
+    let lb = Balancer::start(&yaml).await;
+    let admin = lb.admin.unwrap();
+    let state = lb.shared.backend_state("p", "silent").unwrap();
+    let r = get(admin, "/readyz").await;
+    if state.last_check().is_none() {
+        assert_eq!(r.status, 503, "ready before the first check: {}", r.body);
+        assert_eq!(get(admin, "/api/v1/status").await.json()["ready"], false);
+    }
+    wait_for("first check", || state.last_check().is_some()).await;
+    wait_for("ready", || lb.control.is_ready()).await;
+    let r = get(admin, "/readyz").await;
+    assert_eq!((r.status, r.body.as_str()), (200, "ready\n"));
 }
