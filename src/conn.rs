@@ -117,13 +117,14 @@ pub async fn serve(
 
     let prepared = match route::prepare(&client, peer, route).await {
         Ok(prepared) => prepared,
-        Err((refusal, client_addr)) => {
+        Err((refusal, learned)) => {
             route.metrics.refused(refusal).inc();
             route.metrics.active.dec();
             route.metrics.closed(CloseReason::Refused).inc();
             info!(
                 listener = %route.config.name,
-                client = %client_addr,
+                client = %learned.client,
+                sni = learned.sni().unwrap_or("-"),
                 duration_ms = started.elapsed().as_millis() as u64,
                 reason = CloseReason::Refused.as_str(),
                 refused = refusal.as_str(),
@@ -132,14 +133,15 @@ pub async fn serve(
             ctx.access_log.log(|| Record {
                 time: std::time::SystemTime::now(),
                 listener: Arc::clone(&ctx.name),
-                client: client_addr,
+                client: learned.client,
                 pool: Arc::from("-"),
                 backend: None,
-                sni: None,
+                sni: learned.sni().map(Box::from),
                 bytes_from_client: 0,
                 bytes_to_client: 0,
                 duration: started.elapsed(),
                 reason: CloseReason::Refused,
+                refused: Some(refusal),
             });
             return;
         }
@@ -232,6 +234,7 @@ pub async fn serve(
         bytes_to_client: bytes.1,
         duration: started.elapsed(),
         reason,
+        refused: None,
     });
 }
 

@@ -396,3 +396,80 @@ async fn s_client(addr: SocketAddr, name: &str, ca: &std::path::Path) -> Vec<Str
     let _ = child.kill().await;
     lines
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_records_sni_and_why_a_connection_was_refused() {
+    let db = Backend::start("db-plain").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("access.log");
+    let yaml = format!(
+        "access_log: {{ path: \"{}\", format: json }}
+listeners:
+  - name: tls
+    bind: 127.0.0.1:0
+    tls_passthrough:
+      client_hello_timeout: 5s
+      routes: [{{ sni: [db.example.com], pool: db }}]
+pools:
+  - {{ name: db, backends: [{{ address: \"{}\" }}] }}
+",
+        log.display(),
+        db.addr
+    );
+    let lb = Balancer::start(&yaml).await;
+    let addr = lb.addr("tls");
+    // Routed: the record names the pool and the server name.
+    let mut tcp = TcpStream::connect(addr).await.expect("connect");
+    tcp.write_all(&build_client_hello(Some("db.example.com"), &[], 0))
+        .await
+        .expect("hello");
+    let (greeting, reader) = greet(tcp).await;
+    assert_eq!(greeting, "db-plain");
+    drop(reader);
+    // No route for this name, and no default pool: refused, with the name it asked for.
+    let mut tcp = TcpStream::connect(addr).await.expect("connect");
+    tcp.write_all(&build_client_hello(Some("other.example.org"), &[], 0))
+        .await
+        .expect("hello");
+    assert!(read_to_end(&mut tcp).await.is_empty());
+    // Not TLS at all.
+    let mut tcp = TcpStream::connect(addr).await.expect("connect");
+    tcp.write_all(b"GET / HTTP/1.0\r\n\r\n")
+        .await
+        .expect("write");
+    assert!(read_to_end(&mut tcp).await.is_empty());
+
+    let records = within("three access log records", async {
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let records: Vec<serde_json::Value> = text
+                .lines()
+                .map(|l| serde_json::from_str(l).expect("JSON record"))
+                .collect();
+            if records.len() == 3 {
+                return records;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let by_sni = |sni: &str| {
+        records
+            .iter()
+            .find(|r| r["sni"] == sni)
+            .unwrap_or_else(|| panic!("no record for {sni}: {records:?}"))
+    };
+    let routed = by_sni("db.example.com");
+    assert_eq!(routed["pool"], "db");
+    assert_eq!(routed["refused"], serde_json::Value::Null);
+    let no_route = by_sni("other.example.org");
+    assert_eq!(no_route["reason"], "refused");
+    assert_eq!(no_route["refused"], "no_route");
+    assert_eq!(no_route["backend"], serde_json::Value::Null);
+    let not_tls = records
+        .iter()
+        .find(|r| r["refused"] == "not_tls")
+        .unwrap_or_else(|| panic!("no not_tls record: {records:?}"));
+    assert_eq!(not_tls["sni"], serde_json::Value::Null);
+    assert_eq!(not_tls["reason"], "refused");
+}
