@@ -472,4 +472,18 @@ pools:
         .unwrap_or_else(|| panic!("no not_tls record: {records:?}"));
     assert_eq!(not_tls["sni"], serde_json::Value::Null);
     assert_eq!(not_tls["reason"], "refused");
+
+    // The status document shows the routes, that unrouted names are closed, and the
+    // refusals by reason.
+    let status =
+        serde_json::to_value(switchyard::admin::status::status(&lb.control, false)).expect("json");
+    let l = &status["listeners"][0];
+    assert_eq!(l["pool"], "-");
+    assert_eq!(l["tls"]["default_pool"], serde_json::Value::Null);
+    assert_eq!(l["tls"]["routes"][0]["sni"][0], "db.example.com");
+    assert_eq!(l["tls"]["routes"][0]["pool"], "db");
+    assert_eq!(l["connections"]["rejected"], 2);
+    assert_eq!(l["connections"]["rejected_by_reason"]["no_route"], 1);
+    assert_eq!(l["connections"]["rejected_by_reason"]["not_tls"], 1);
+    assert_eq!(l["connections"]["rejected_by_reason"]["max_connections"], 0);
 }
