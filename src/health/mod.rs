@@ -138,6 +138,8 @@ impl PoolSpec {
 
 struct RunningPool {
     spec: PoolSpec,
+    /// The pool's arbiter, when it has a check (handed to the probers that replace these).
+    arbiter: Option<Arc<PoolArbiter>>,
     /// The backend states the probers write (a rebuild carries the same ones).
     states: Vec<Arc<BackendState>>,
     cancel: CancellationToken,
@@ -206,6 +208,7 @@ impl Supervisor {
             let spec = PoolSpec::of(pool);
             let states: Vec<Arc<BackendState>> =
                 pool.backends.iter().map(|b| Arc::clone(&b.state)).collect();
+            let mut previous = None;
             if let Some(running) = inner.pools.get(name) {
                 let same_states = running
                     .states
@@ -216,6 +219,10 @@ impl Supervisor {
                     continue;
                 }
                 running.stop();
+                previous = running
+                    .arbiter
+                    .as_ref()
+                    .map(|a| (Arc::clone(a), running.spec.backends.clone()));
             }
             if spec.check.is_none() {
                 // No active check (any more): only the passive breaker and the admin state
@@ -224,7 +231,7 @@ impl Supervisor {
                     s.set_status(HealthStatus::UP);
                 }
             }
-            let running = spawn_pool(pool, spec, states, metrics);
+            let running = spawn_pool(pool, spec, states, metrics, previous);
             inner.pools.insert(name.clone(), running);
         }
     }
@@ -259,14 +266,18 @@ impl Drop for Supervisor {
     }
 }
 
+/// Starts the probers of `pool`. `previous`: the arbiter being replaced and the backends
+/// (name, address) it judged, whose verdicts carry over.
 fn spawn_pool(
     pool: &Pool,
     spec: PoolSpec,
     states: Vec<Arc<BackendState>>,
     metrics: &Metrics,
+    previous: Option<(Arc<PoolArbiter>, Vec<(String, SocketAddr)>)>,
 ) -> RunningPool {
     let cancel = CancellationToken::new();
     let mut tasks = Vec::new();
+    let mut running_arbiter = None;
     if let Some(check) = &spec.check {
         let pool_name: Arc<str> = Arc::from(pool.config.name.as_str());
         let split_brain = match &check.kind {
@@ -293,6 +304,16 @@ fn spawn_pool(
             metrics.split_brain(&pool.config.name),
             slots,
         ));
+        if let Some((old, judged)) = &previous {
+            let same: Vec<&str> = spec
+                .backends
+                .iter()
+                .filter(|b| judged.contains(b))
+                .map(|(name, _)| name.as_str())
+                .collect();
+            arbiter.carry_over(old, &same);
+        }
+        running_arbiter = Some(Arc::clone(&arbiter));
         for (index, (backend, m)) in pool.backends.iter().zip(slot_metrics).enumerate() {
             let prober = Prober {
                 pool: Arc::clone(&pool_name),
@@ -310,6 +331,7 @@ fn spawn_pool(
     }
     RunningPool {
         spec,
+        arbiter: running_arbiter,
         states,
         cancel,
         tasks,
