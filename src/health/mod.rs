@@ -266,14 +266,16 @@ impl Drop for Supervisor {
     }
 }
 
-/// Starts the probers of `pool`. `previous`: the arbiter being replaced and the backends
-/// (name, address) it judged, whose verdicts carry over.
+/// An arbiter being replaced and the backends (name, address) it judged.
+type Previous = (Arc<PoolArbiter>, Vec<(String, SocketAddr)>);
+
+/// Starts the probers of `pool`. `previous`: the verdicts to carry over.
 fn spawn_pool(
     pool: &Pool,
     spec: PoolSpec,
     states: Vec<Arc<BackendState>>,
     metrics: &Metrics,
-    previous: Option<(Arc<PoolArbiter>, Vec<(String, SocketAddr)>)>,
+    previous: Option<Previous>,
 ) -> RunningPool {
     let cancel = CancellationToken::new();
     let mut tasks = Vec::new();
