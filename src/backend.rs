@@ -359,7 +359,6 @@ impl BackendState {
         })
     }
 
-    /// Asks every open connection of this backend to close (they watch [`Self::close_signal`]).
     /// A connect succeeded: the consecutive-failure count starts again.
     pub fn record_connect_success(&self) {
         if self.consecutive_fails.load(Ordering::Relaxed) != 0 {
