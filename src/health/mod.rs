@@ -96,17 +96,16 @@ pub fn close_removed(previous: &Snapshot, current: &Snapshot) {
         }
         let new = current.pools.get(name);
         for b in &old.backends {
-            let kept = new.is_some_and(|p| {
-                p.backends
-                    .iter()
-                    .any(|n| n.name == b.name && n.addr == b.addr)
-            });
-            if kept {
-                continue;
+            let same_name = new.and_then(|p| p.backends.iter().find(|n| n.name == b.name));
+            match same_name {
+                Some(n) if n.addr == b.addr => continue,
+                // Same name, new address: the state lives on for the new address.
+                Some(_) => b
+                    .state
+                    .close_connections(crate::conn::CloseReason::BackendDown),
+                None => b.state.retire(),
             }
             let open = b.state.active();
-            b.state
-                .close_connections(crate::conn::CloseReason::BackendDown);
             if open > 0 {
                 tracing::warn!(pool = %name, backend = %b.name, open_connections = open, "backend removed by reload; closing its open connections (on_backend_down: close_connections)");
             }
