@@ -487,3 +487,74 @@ pools:
     assert_eq!(l["connections"]["rejected_by_reason"]["not_tls"], 1);
     assert_eq!(l["connections"]["rejected_by_reason"]["max_connections"], 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_reroutes_tls_keeps_open_sessions_and_restarts_probers() {
+    let db = Backend::start("db").await;
+    let api = Backend::start("api").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("switchyard.yaml");
+    let yaml = |route_to: &str, interval: &str, default: &str| {
+        format!(
+            "listeners:
+  - name: tls
+    bind: 127.0.0.1:0
+    tls_passthrough:
+      routes: [{{ sni: [db.example.com], pool: {route_to} }}]
+{default}pools:
+  - name: db
+    health_check: {{ type: tcp, interval: {interval}, timeout: 100ms, rise: 1, fall: 3 }}
+    backends: [{{ name: db, address: \"{}\" }}]
+  - name: api
+    health_check: {{ type: tcp, interval: {interval}, timeout: 100ms, rise: 1, fall: 3 }}
+    backends: [{{ name: api, address: \"{}\" }}]
+",
+            db.addr, api.addr
+        )
+    };
+    std::fs::write(&path, yaml("db", "100ms", "")).expect("write");
+    let lb = Balancer::start_file(&path).await;
+    wait_status(&lb, "db", "db", switchyard::backend::HealthStatus::UP).await;
+    wait_status(&lb, "api", "api", switchyard::backend::HealthStatus::UP).await;
+    let addr = lb.addr("tls");
+    let hello = |name: &str| build_client_hello(Some(name), &[], 0);
+    let mut held = TcpStream::connect(addr).await.expect("connect");
+    held.write_all(&hello("db.example.com"))
+        .await
+        .expect("hello");
+    let (greeting, mut held) = greet(held).await;
+    assert_eq!(greeting, "db");
+    let mut echoed = vec![0u8; hello("db.example.com").len()];
+    within("echo", held.read_exact(&mut echoed))
+        .await
+        .expect("echo");
+
+    // The name now goes to api, unrouted names to api too, and the checks change.
+    std::fs::write(&path, yaml("api", "150ms", "      default_pool: api\n")).expect("write");
+    lb.control.reload().await.expect("reload");
+    // Health carried over: no flap to pending while the restarted probers start.
+    for (pool, name) in [("db", "db"), ("api", "api")] {
+        assert_eq!(
+            lb.shared.backend_state(pool, name).expect("state").status(),
+            switchyard::backend::HealthStatus::UP
+        );
+    }
+    assert_eq!(lb.shared.health.probers(), 2, "one prober per backend");
+
+    // The session opened before the reload goes on, to db.
+    held.get_mut()
+        .write_all(b"still here")
+        .await
+        .expect("write");
+    let mut buf = [0u8; 10];
+    within("echo after reload", held.read_exact(&mut buf))
+        .await
+        .expect("echo");
+    assert_eq!(&buf, b"still here");
+    // New sessions follow the new routes.
+    for name in ["db.example.com", "unknown.example.org"] {
+        let mut tcp = TcpStream::connect(addr).await.expect("connect");
+        tcp.write_all(&hello(name)).await.expect("hello");
+        assert_eq!(greet(tcp).await.0, "api", "{name}");
+    }
+}
