@@ -787,3 +787,51 @@ async fn readyz_waits_for_the_first_checks() {
     let r = get(admin, "/readyz").await;
     assert_eq!((r.status, r.body.as_str()), (200, "ready\n"));
 }
+
+#[tokio::test]
+async fn drain_keeps_connections_even_in_a_close_connections_pool() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let yaml = config(&[("a", a.addr, 1), ("b", b.addr, 1)], "").replace(
+        "  - name: p\n",
+        "  - name: p\n    on_backend_down: close_connections\n",
+    );
+    let lb = Balancer::start(&yaml).await;
+    let admin = lb.admin.unwrap();
+    let addr = lb.addr("l");
+    let (first, mut to_a) = greet(TcpStream::connect(addr).await.unwrap()).await;
+    assert_eq!(first, "a");
+    let r = post(
+        admin,
+        "/api/v1/pools/p/backends/a/state",
+        None,
+        r#"{"state":"drain"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    for _ in 0..3 {
+        assert_eq!(backend_of(addr).await, "b");
+    }
+    // Drain is not down: the open connection to a goes on.
+    to_a.get_mut().write_all(b"drained").await.unwrap();
+    let mut buf = [0u8; 7];
+    within("echo", to_a.read_exact(&mut buf)).await.unwrap();
+    assert_eq!(&buf, b"drained");
+    assert_eq!(
+        lb.counter(
+            "switchyard_listener_connections_closed_total",
+            &[("reason", "backend_down")]
+        ),
+        0
+    );
+    // Maint on the same backend closes it.
+    let r = post(
+        admin,
+        "/api/v1/pools/p/backends/a/state",
+        None,
+        r#"{"state":"maint"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(read_to_end(&mut to_a).await.is_empty());
+}
