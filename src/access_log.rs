@@ -1,5 +1,6 @@
 //! The access log: one record per connection at its end (time, listener, client, pool,
-//! backend, SNI when known, bytes each way, duration, close reason), as JSON or logfmt text.
+//! backend, SNI when known, bytes each way, duration, close reason and, when the routing
+//! step refused the connection, why), as JSON or logfmt text.
 //! Connections hand records to a bounded channel with `try_send`; a writer thread formats
 //! and writes them. When the writer falls behind, records are dropped and counted: logging
 //! never blocks forwarding. A reload reconfigures (and reopens, for log rotation) the file.
@@ -19,6 +20,7 @@ use crate::backend::{BackendAddr, ClientAddr};
 use crate::config::{AccessLogConfig, AccessLogFormat, AccessLogTarget};
 use crate::conn::CloseReason;
 use crate::metrics::OpsMetrics;
+use crate::route::Refusal;
 
 /// Records waiting for the writer; beyond this they are dropped.
 pub const QUEUE: usize = 16 * 1024;
@@ -38,6 +40,8 @@ pub struct Record {
     pub bytes_to_client: u64,
     pub duration: Duration,
     pub reason: CloseReason,
+    /// Why the routing step refused it (reason `refused`): ACL, PROXY header, ClientHello.
+    pub refused: Option<Refusal>,
 }
 
 enum Msg {
@@ -211,6 +215,7 @@ struct JsonRecord<'a> {
     bytes_to_client: u64,
     duration_ms: f64,
     reason: &'static str,
+    refused: Option<&'static str>,
 }
 
 impl<'a> From<&'a Record> for JsonRecord<'a> {
@@ -227,6 +232,7 @@ impl<'a> From<&'a Record> for JsonRecord<'a> {
             bytes_to_client: r.bytes_to_client,
             duration_ms: (r.duration.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0,
             reason: r.reason.as_str(),
+            refused: r.refused.map(Refusal::as_str),
         }
     }
 }
@@ -238,7 +244,7 @@ fn text_line(r: &Record) -> String {
         None => ("-".to_string(), "-".to_string()),
     };
     format!(
-        "time={} listener={} client={} pool={} backend={} backend_address={} sni={} bytes_from_client={} bytes_to_client={} duration_ms={:.3} reason={}\n",
+        "time={} listener={} client={} pool={} backend={} backend_address={} sni={} bytes_from_client={} bytes_to_client={} duration_ms={:.3} reason={} refused={}\n",
         humantime::format_rfc3339_millis(r.time),
         quote(&r.listener),
         r.client,
@@ -250,6 +256,7 @@ fn text_line(r: &Record) -> String {
         r.bytes_to_client,
         r.duration.as_secs_f64() * 1000.0,
         r.reason.as_str(),
+        r.refused.map_or("-", Refusal::as_str),
     )
 }
 
@@ -284,6 +291,7 @@ mod tests {
             bytes_to_client: 90211,
             duration: Duration::from_millis(5312),
             reason: CloseReason::ClientClosed,
+            refused: None,
         }
     }
 
@@ -328,8 +336,20 @@ mod tests {
         assert_eq!(json["reason"], "client_closed");
         assert_eq!(
             text_line(&r),
-            "time=2023-11-14T22:13:20.000Z listener=app client=10.1.2.3:51234 pool=\"app pool\" backend=db-1 backend_address=10.0.0.7:5432 sni=- bytes_from_client=1840 bytes_to_client=90211 duration_ms=5312.000 reason=client_closed\n"
+            "time=2023-11-14T22:13:20.000Z listener=app client=10.1.2.3:51234 pool=\"app pool\" backend=db-1 backend_address=10.0.0.7:5432 sni=- bytes_from_client=1840 bytes_to_client=90211 duration_ms=5312.000 reason=client_closed refused=-\n"
         );
+        let refused = Record {
+            backend: None,
+            sni: Some(Box::from("other.example.com")),
+            reason: CloseReason::Refused,
+            refused: Some(Refusal::NoRoute),
+            ..r
+        };
+        let json = serde_json::to_value(JsonRecord::from(&refused)).expect("serialize");
+        assert_eq!(json["sni"], "other.example.com");
+        assert_eq!(json["reason"], "refused");
+        assert_eq!(json["refused"], "no_route");
+        assert!(text_line(&refused).ends_with(" reason=refused refused=no_route\n"));
     }
 
     #[test]

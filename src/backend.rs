@@ -7,7 +7,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -215,6 +215,9 @@ pub struct BackendState {
     last_check_ms: AtomicU64,
     last_check_us: AtomicU64,
     last_check_result: AtomicU8,
+    /// Set when a reload removed this backend from a `close_connections` pool: connections
+    /// that picked it from an older snapshot close as they open.
+    retired: AtomicBool,
 }
 
 const NO_WEIGHT_OVERRIDE: u32 = u32::MAX;
@@ -238,6 +241,7 @@ impl BackendState {
             last_check_ms: AtomicU64::new(0),
             last_check_us: AtomicU64::new(0),
             last_check_result: AtomicU8::new(0),
+            retired: AtomicBool::new(false),
         }
     }
 
@@ -266,9 +270,20 @@ impl BackendState {
         CloseSignal(self.close_tx.subscribe())
     }
 
-    /// A close order that applies to connections as they open (the backend is in maint).
+    /// A close order that applies to connections as they open (the backend is in maint,
+    /// or was removed from a `close_connections` pool).
     pub fn standing_close(&self) -> Option<CloseReason> {
+        if self.retired.load(Ordering::SeqCst) {
+            return Some(CloseReason::BackendDown);
+        }
         (self.admin() == AdminState::Maint).then_some(CloseReason::Maint)
+    }
+
+    /// The backend left a `close_connections` pool for good (reload): closes its open
+    /// connections, and those still opening from an older snapshot.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::SeqCst);
+        self.close_connections(CloseReason::BackendDown);
     }
 
     /// State for a backend first seen with this health (a checked pool starts down, pending).
@@ -359,7 +374,6 @@ impl BackendState {
         })
     }
 
-    /// Asks every open connection of this backend to close (they watch [`Self::close_signal`]).
     /// A connect succeeded: the consecutive-failure count starts again.
     pub fn record_connect_success(&self) {
         if self.consecutive_fails.load(Ordering::Relaxed) != 0 {
@@ -534,6 +548,13 @@ mod tests {
         assert!(!later, "a connection opened after the order is not closed");
         s.set_admin(AdminState::Maint);
         assert_eq!(s.standing_close(), Some(CloseReason::Maint));
+
+        // Removed from a close_connections pool: open and opening connections close.
+        let gone = BackendState::new();
+        let mut open = gone.close_signal();
+        gone.retire();
+        assert_eq!(open.recv().await, CloseReason::BackendDown);
+        assert_eq!(gone.standing_close(), Some(CloseReason::BackendDown));
     }
 
     #[test]

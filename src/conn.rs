@@ -19,7 +19,7 @@ use crate::config::{HashKey, OnBackendDown, MAX_RETRIES};
 use crate::forward::{self, ByteCounters};
 use crate::hash::hash64;
 use crate::route;
-use crate::state::{Pool, Route, Shared};
+use crate::state::{Pool, Route, Shared, Snapshot};
 
 /// Why a connection ended: a bounded set, used as a metric label and in the close log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,18 +97,21 @@ pub struct ListenerCtx {
     pub access_log: AccessLog,
 }
 
-/// Serves one accepted client connection to completion.
+/// Serves one accepted client connection to completion, routed by `snapshot`: the one
+/// current when it was accepted (taken by the accept loop, so a reload that removes or
+/// renames the listener before this task first runs does not drop the connection).
 pub async fn serve(
     ctx: Arc<ListenerCtx>,
     client: TcpStream,
     peer: SocketAddr,
     permit: OwnedSemaphorePermit,
+    snapshot: Arc<Snapshot>,
 ) {
     let _permit = permit;
     let started = Instant::now();
-    let snapshot = ctx.shared.snapshot();
     let Some(route) = snapshot.route(&ctx.name) else {
-        // The listener was removed by a reload after this connection was accepted.
+        // Not configured in the snapshot it was accepted under (cannot happen: the accept
+        // loop of a listener runs only while a published snapshot has it).
         debug!(listener = %ctx.name, client = %peer, "listener no longer configured; closing");
         return;
     };
@@ -117,13 +120,14 @@ pub async fn serve(
 
     let prepared = match route::prepare(&client, peer, route).await {
         Ok(prepared) => prepared,
-        Err((refusal, client_addr)) => {
+        Err((refusal, learned)) => {
             route.metrics.refused(refusal).inc();
             route.metrics.active.dec();
             route.metrics.closed(CloseReason::Refused).inc();
             info!(
                 listener = %route.config.name,
-                client = %client_addr,
+                client = %learned.client,
+                sni = learned.sni().unwrap_or("-"),
                 duration_ms = started.elapsed().as_millis() as u64,
                 reason = CloseReason::Refused.as_str(),
                 refused = refusal.as_str(),
@@ -132,14 +136,15 @@ pub async fn serve(
             ctx.access_log.log(|| Record {
                 time: std::time::SystemTime::now(),
                 listener: Arc::clone(&ctx.name),
-                client: client_addr,
+                client: learned.client,
                 pool: Arc::from("-"),
                 backend: None,
-                sni: None,
+                sni: learned.sni().map(Box::from),
                 bytes_from_client: 0,
                 bytes_to_client: 0,
                 duration: started.elapsed(),
                 reason: CloseReason::Refused,
+                refused: Some(refusal),
             });
             return;
         }
@@ -232,6 +237,7 @@ pub async fn serve(
         bytes_to_client: bytes.1,
         duration: started.elapsed(),
         reason,
+        refused: None,
     });
 }
 
@@ -405,6 +411,57 @@ mod tests {
             hash_key(HashKey::Sni, a, None),
             hash_key(HashKey::ClientIp, a, None)
         );
+    }
+
+    #[tokio::test]
+    async fn serves_under_the_snapshot_it_was_accepted_with() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let backend = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let backend_addr = backend.local_addr().expect("addr");
+        tokio::spawn(async move {
+            if let Ok((mut s, _)) = backend.accept().await {
+                let _ = s.write_all(b"hi").await;
+            }
+        });
+        let yaml = format!(
+            "listeners:\n  - name: l\n    bind: 127.0.0.1:0\n    pool: p\npools:\n  - name: p\n    backends: [{{ address: \"{backend_addr}\" }}]\n"
+        );
+        let config = |y: &str| crate::config::Config::from_yaml(y, "t.yaml").expect("valid");
+        let metrics = crate::metrics::Metrics::new();
+        let (access_log, _writer) = AccessLog::new(1, &metrics.ops);
+        let shared = Shared::new(config(&yaml), metrics);
+        let accepted_under = shared.snapshot();
+        // A reload removes the listener before the connection's task first runs.
+        shared.publish(config(&yaml.replace("name: l\n", "name: other\n")));
+
+        let front = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let mut client = TcpStream::connect(front.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (accepted, peer) = front.accept().await.expect("accept");
+        let ctx = Arc::new(ListenerCtx {
+            name: Arc::from("l"),
+            shared: Arc::clone(&shared),
+            close_all: CancellationToken::new(),
+            access_log,
+        });
+        let permit = Arc::new(tokio::sync::Semaphore::new(1))
+            .try_acquire_owned()
+            .expect("permit");
+        tokio::spawn(serve(ctx, accepted, peer, permit, accepted_under));
+        let mut got = [0u8; 2];
+        tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            client.read_exact(&mut got),
+        )
+        .await
+        .expect("in time")
+        .expect("the connection is served, not dropped");
+        assert_eq!(&got, b"hi");
     }
 
     #[test]

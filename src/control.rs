@@ -121,8 +121,32 @@ impl Control {
     }
 
     pub(crate) fn set_ready(&self, ready: bool) {
+        if ready && self.stopping.load(Ordering::SeqCst) {
+            return;
+        }
         self.ready.store(ready, Ordering::Relaxed);
         self.shared.metrics.ops.ready.set(i64::from(ready));
+    }
+
+    /// Marks the balancer ready once the first active check of every checked backend has
+    /// run (at once when no pool has a check): `/readyz` then tells whether routing is
+    /// decided, not merely whether sockets are bound. Call once the listeners are bound.
+    pub(crate) async fn become_ready(&self) {
+        while !self.try_ready() {
+            if self.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Marks the balancer ready if the first checks have run; returns whether it did.
+    pub(crate) fn try_ready(&self) -> bool {
+        let ran = first_checks_ran(&self.shared.snapshot());
+        if ran {
+            self.set_ready(true);
+        }
+        ran
     }
 
     pub fn uptime(&self) -> std::time::Duration {
@@ -264,6 +288,16 @@ impl Control {
         info!(pool, backend, weight = ?weight, "backend weight set");
         Ok(())
     }
+}
+
+/// Whether every backend of every pool with an active check has been checked once.
+fn first_checks_ran(snapshot: &crate::state::Snapshot) -> bool {
+    snapshot
+        .pools
+        .values()
+        .filter(|p| p.config.health_check.is_some())
+        .flat_map(|p| &p.backends)
+        .all(|b| b.state.last_check().is_some())
 }
 
 fn not_found(pool: &str, backend: &str) -> AdminError {

@@ -224,13 +224,13 @@ enum ReadFail {
     Full,
 }
 
-/// Runs the routing step for one accepted connection. On refusal, also returns the client
-/// as far as it was learned (the PROXY header's source when one was read).
+/// Runs the routing step for one accepted connection. On refusal, also returns what was
+/// learned so far (the PROXY header's source, the ClientHello), for the logs.
 pub async fn prepare(
     stream: &TcpStream,
     peer: SocketAddr,
     route: &Route,
-) -> Result<Prepared, (Refusal, ClientAddr)> {
+) -> Result<Prepared, (Refusal, Box<Prepared>)> {
     let routing = &route.routing;
     let local = if routing.proxy_out.is_some() {
         stream.local_addr().unwrap_or(peer)
@@ -243,7 +243,7 @@ pub async fn prepare(
     }
     match read_prelude(stream, peer, route, &mut prepared).await {
         Ok(()) => Ok(prepared),
-        Err(refusal) => Err((refusal, prepared.client)),
+        Err(refusal) => Err((refusal, Box::new(prepared))),
     }
 }
 
@@ -370,8 +370,10 @@ async fn read_prelude(
             }
         }
     };
-    prepared.pool = Some(tls.choose(Some(&hello)).ok_or(Refusal::NoRoute)?);
+    let pool = tls.choose(Some(&hello));
+    // Kept before the route is known, so a refusal is logged with the name asked for.
     prepared.hello = Some(hello);
+    prepared.pool = Some(pool.ok_or(Refusal::NoRoute)?);
     prepared.replay = buf.split_off(start);
     Ok(())
 }

@@ -159,7 +159,11 @@ impl Server {
             None => None,
         };
         let handover = upgrade::serve_handover(&control, self.takeover.take(), admin_dup)?;
-        control.set_ready(true);
+        // Ready now when nothing is checked; else once every backend was checked once.
+        let becoming_ready = (!control.try_ready()).then(|| {
+            let control = Arc::clone(&control);
+            tokio::spawn(async move { control.become_ready().await })
+        });
         on_control(Arc::clone(&control));
 
         tokio::select! {
@@ -167,6 +171,9 @@ impl Server {
             () = control.handed_over.cancelled() => info!("a new process took over the listeners"),
         }
         control.begin_stop();
+        if let Some(task) = becoming_ready {
+            task.abort();
+        }
         if control.handed_over.is_cancelled() {
             // The new process answers on the same admin socket from now on.
             admin_stop.cancel();

@@ -86,7 +86,8 @@ impl Shared {
     /// Builds a snapshot of `config` (keeping live backend state) and publishes it.
     pub fn publish(&self, config: Config) {
         let snapshot = Arc::new(build(config, &self.backend_states, &self.metrics));
-        self.snapshot.store(Arc::clone(&snapshot));
+        let previous = self.snapshot.swap(Arc::clone(&snapshot));
+        crate::health::close_removed(&previous, &snapshot);
         self.health.sync(&snapshot, &self.metrics);
     }
 
@@ -144,6 +145,12 @@ fn build(
         };
         pools.insert(pc.name.clone(), Arc::new(pool));
     }
+    // A backend the config no longer has is forgotten: back under its name, it starts fresh.
+    states.retain(|(pool, backend), _| {
+        config
+            .pool(pool)
+            .is_some_and(|p| p.backends.iter().any(|b| b.name == *backend))
+    });
     let routes = config
         .listeners
         .iter()

@@ -105,6 +105,11 @@ fn dashboard_queries_name_only_exported_metrics() {
         "switchyard_health_check_duration_seconds_bucket",
         "switchyard_backend_connect_duration_seconds_bucket",
         names::POOL_RETRIES,
+        // Failovers as the health checks see them: state changes, why, split brain.
+        names::BACKEND_STATE_CHANGES,
+        names::BACKEND_DOWN_REASON,
+        names::POOL_SPLIT_BRAIN,
+        names::POOL_FALLBACK,
     ] {
         assert!(used.contains(needed), "dashboard lacks {needed}");
     }

@@ -14,20 +14,6 @@ use switchyard::metrics::names;
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 
-async fn wait_status(lb: &Balancer, pool: &str, backend: &str, want: HealthStatus) {
-    let state = lb.shared.backend_state(pool, backend).expect("backend");
-    let deadline = Instant::now() + LIMIT;
-    while state.status() != want {
-        assert!(
-            Instant::now() < deadline,
-            "{pool}/{backend}: still {}, wanted {}",
-            state.status().describe(),
-            want.describe()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 fn down(r: DownReason) -> HealthStatus {
     HealthStatus::down(r)
 }

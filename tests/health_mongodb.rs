@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{read_to_end, Balancer, LIMIT};
+use common::{read_to_end, wait_status, Balancer, LIMIT};
 use switchyard::backend::{DownReason, HealthStatus};
 use switchyard::metrics::names;
 use tokio::net::TcpStream;
@@ -84,20 +84,6 @@ impl Drop for Member {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-async fn wait_status(lb: &Balancer, pool: &str, backend: &str, want: HealthStatus) {
-    let state = lb.shared.backend_state(pool, backend).expect("backend");
-    let deadline = Instant::now() + LIMIT;
-    while state.status() != want {
-        assert!(
-            Instant::now() < deadline,
-            "{pool}/{backend}: still {}, wanted {}",
-            state.status().describe(),
-            want.describe()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -12,35 +12,11 @@ mod postgres;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{within, Balancer, LIMIT};
+use common::{wait_status, within, Balancer, LIMIT};
 use postgres::*;
 use switchyard::backend::{DownReason, Health, HealthStatus};
 use switchyard::metrics::names;
 use tokio::net::TcpListener;
-
-/// Waits (up to the test limit) until `pool`/`backend` has `want`; panics with the last
-/// state seen.
-async fn wait_status(lb: &Balancer, pool: &str, backend: &str, want: HealthStatus) {
-    let state = lb
-        .shared
-        .backend_state(pool, backend)
-        .unwrap_or_else(|| panic!("no backend {pool}/{backend}"));
-    let deadline = Instant::now() + LIMIT;
-    loop {
-        let now = state.status();
-        if now == want {
-            return;
-        }
-        if Instant::now() > deadline {
-            panic!(
-                "{pool}/{backend}: still {} after {LIMIT:?}, wanted {}",
-                now.describe(),
-                want.describe()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 fn down(r: DownReason) -> HealthStatus {
     HealthStatus::down(r)

@@ -142,6 +142,8 @@ async fn metrics_export_exactly_the_names_in_metrics_rs() {
             .is_some_and(|s| s.last_check().is_some())
     })
     .await;
+    // Ready (and `switchyard_ready` 1) once the first checks have run.
+    wait_for("ready", || lb.control.is_ready()).await;
     let admin = lb.admin.unwrap();
     let mut s = TcpStream::connect(lb.addr("l")).await.unwrap();
     let (name, mut reader) = greet(s).await;
@@ -702,4 +704,134 @@ async fn every_weight_zero_through_the_api_refuses_new_connections_cleanly() {
         let s = get(admin, "/api/v1/status").await.json();
         assert_eq!(backend(&s, "p", "a")["weight"], 0, "{balance}");
     }
+}
+
+#[tokio::test]
+async fn reload_closes_connections_of_removed_backends_only_in_close_connections_pools() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let c = Backend::start("c").await;
+    let d = Backend::start("d").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("switchyard.yaml");
+    let yaml = |close: &[&Backend], keep: &[&Backend]| {
+        let list = |bs: &[&Backend]| {
+            bs.iter()
+                .map(|x| format!("{{ name: {}, address: \"{}\" }}", x.name, x.addr))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        format!(
+            "listeners:\n  - {{ name: lc, bind: 127.0.0.1:0, pool: pc }}\n  - {{ name: lk, bind: 127.0.0.1:0, pool: pk }}\npools:\n  - name: pc\n    on_backend_down: close_connections\n    backends: [{}]\n  - name: pk\n    backends: [{}]\n",
+            list(close),
+            list(keep)
+        )
+    };
+    write_file(&path, &yaml(&[&a, &b], &[&c, &d]));
+    let lb = Balancer::start_file(&path).await;
+    let (first, mut to_a) = greet(TcpStream::connect(lb.addr("lc")).await.unwrap()).await;
+    assert_eq!(first, "a");
+    let (second, mut to_b) = greet(TcpStream::connect(lb.addr("lc")).await.unwrap()).await;
+    assert_eq!(second, "b");
+    let (third, mut to_c) = greet(TcpStream::connect(lb.addr("lk")).await.unwrap()).await;
+    assert_eq!(third, "c");
+
+    // a leaves the close_connections pool, c leaves the keep pool.
+    write_file(&path, &yaml(&[&b], &[&d]));
+    lb.control.reload().await.expect("reload");
+
+    let rest = read_to_end(&mut to_a).await;
+    assert!(
+        rest.is_empty(),
+        "the removed backend's connection is closed"
+    );
+    wait_for("backend_down close counted", || {
+        lb.counter(
+            "switchyard_listener_connections_closed_total",
+            &[("reason", "backend_down")],
+        ) == 1
+    })
+    .await;
+    // The kept backend of that pool, and the removed one of a keep pool, go on.
+    for held in [&mut to_b, &mut to_c] {
+        held.get_mut().write_all(b"still").await.unwrap();
+        let mut buf = [0u8; 5];
+        within("echo", held.read_exact(&mut buf)).await.unwrap();
+        assert_eq!(&buf, b"still");
+    }
+    assert_eq!(backend_of(lb.addr("lc")).await, "b");
+    assert_eq!(backend_of(lb.addr("lk")).await, "d");
+}
+
+#[tokio::test]
+async fn readyz_waits_for_the_first_checks() {
+    // Accepts TCP (the kernel completes the handshake) and never answers: the first check
+    // of this backend lasts its whole timeout.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = Backend::start("a").await;
+    let yaml = format!(
+        "admin:\n  bind: 127.0.0.1:0\nlisteners:\n  - {{ name: l, bind: 127.0.0.1:0, pool: p }}\npools:\n  - name: p\n    health_check: {{ type: mongodb, interval: 1h, timeout: 3s, mongodb: {{ role: any }} }}\n    backends: [{{ name: silent, address: \"{}\" }}]\n  - name: q\n    backends: [{{ name: a, address: \"{}\" }}]\n",
+        silent.local_addr().unwrap(),
+        a.addr
+    );
+    let lb = Balancer::start(&yaml).await;
+    let admin = lb.admin.unwrap();
+    let state = lb.shared.backend_state("p", "silent").unwrap();
+    let r = get(admin, "/readyz").await;
+    if state.last_check().is_none() {
+        assert_eq!(r.status, 503, "ready before the first check: {}", r.body);
+        assert_eq!(get(admin, "/api/v1/status").await.json()["ready"], false);
+    }
+    wait_for("first check", || state.last_check().is_some()).await;
+    wait_for("ready", || lb.control.is_ready()).await;
+    let r = get(admin, "/readyz").await;
+    assert_eq!((r.status, r.body.as_str()), (200, "ready\n"));
+}
+
+#[tokio::test]
+async fn drain_keeps_connections_even_in_a_close_connections_pool() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let yaml = config(&[("a", a.addr, 1), ("b", b.addr, 1)], "").replace(
+        "  - name: p\n",
+        "  - name: p\n    on_backend_down: close_connections\n",
+    );
+    let lb = Balancer::start(&yaml).await;
+    let admin = lb.admin.unwrap();
+    let addr = lb.addr("l");
+    let (first, mut to_a) = greet(TcpStream::connect(addr).await.unwrap()).await;
+    assert_eq!(first, "a");
+    let r = post(
+        admin,
+        "/api/v1/pools/p/backends/a/state",
+        None,
+        r#"{"state":"drain"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    for _ in 0..3 {
+        assert_eq!(backend_of(addr).await, "b");
+    }
+    // Drain is not down: the open connection to a goes on.
+    to_a.get_mut().write_all(b"drained").await.unwrap();
+    let mut buf = [0u8; 7];
+    within("echo", to_a.read_exact(&mut buf)).await.unwrap();
+    assert_eq!(&buf, b"drained");
+    assert_eq!(
+        lb.counter(
+            "switchyard_listener_connections_closed_total",
+            &[("reason", "backend_down")]
+        ),
+        0
+    );
+    // Maint on the same backend closes it.
+    let r = post(
+        admin,
+        "/api/v1/pools/p/backends/a/state",
+        None,
+        r#"{"state":"maint"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(read_to_end(&mut to_a).await.is_empty());
 }

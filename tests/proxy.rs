@@ -242,8 +242,11 @@ fn free_port() -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accepts_headers_from_trusted_peers_only() {
     let backend = Capture::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
     let yaml = format!(
-        "listeners:
+        "access_log: {{ path: \"{}\", format: json }}
+listeners:
   - name: in
     bind: 127.0.0.1:0
     pool: p
@@ -260,6 +263,7 @@ async fn accepts_headers_from_trusted_peers_only() {
 pools:
   - {{ name: p, backends: [{{ address: \"{}\" }}] }}
 ",
+        log.display(),
         backend.addr
     );
     let lb = Balancer::start(&yaml).await;
@@ -359,6 +363,34 @@ pools:
     );
     wanted.extend_from_slice(&hello);
     assert_eq!(seen, wanted);
+
+    // The access log names the client the trusted PROXY headers gave, refused or not.
+    let wanted = ["203.0.113.7:5555", "[2001:db8::7]:4000", "203.0.113.9:6000"];
+    let records = within("access log records", async {
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let records: Vec<serde_json::Value> = text
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            if wanted
+                .iter()
+                .all(|c| records.iter().any(|r| r["client"] == *c))
+            {
+                return records;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    for client in wanted {
+        let r = records.iter().find(|r| r["client"] == client).unwrap();
+        assert_ne!(r["reason"], "refused", "{r}");
+    }
+    // The spoofed header of an untrusted peer is data, not a client address.
+    assert!(!records
+        .iter()
+        .any(|r| r["client"].as_str().unwrap().starts_with("9.9.9.9")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

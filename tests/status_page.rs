@@ -88,15 +88,32 @@ async fn status_page_renders_in_headless_chromium() {
         Backend::start("d").await,
     ];
     let yaml = format!(
-        "admin:\n  bind: 127.0.0.1:0\nlisteners:\n  - {{ name: postgres-write, bind: 127.0.0.1:0, pool: pg-write }}\n  - {{ name: cache, bind: 127.0.0.1:0, pool: cache, max_connections: 500 }}\npools:\n  - name: pg-write\n    balance: least_conn\n    backends:\n      - {{ name: pg-1, address: \"{}\" }}\n      - {{ name: pg-2, address: \"{}\", weight: 2 }}\n  - name: cache\n    balance: maglev\n    max_fails: 1\n    fail_duration: 1h\n    backends:\n      - {{ name: cache-a, address: \"{}\" }}\n      - {{ name: cache-b, address: \"{}\" }}\n      - {{ name: cache-c, address: \"{}\" }}\n",
+        "admin:\n  bind: 127.0.0.1:0\nlisteners:\n  - {{ name: postgres-write, bind: 127.0.0.1:0, pool: pg-write }}\n  - {{ name: cache, bind: 127.0.0.1:0, pool: cache, max_connections: 500 }}\n  - {{ name: tls, bind: 127.0.0.1:0, tls_passthrough: {{ routes: [{{ sni: [db.example.com], pool: pg-write }}] }} }}\npools:\n  - name: pg-write\n    balance: least_conn\n    health_check: {{ type: tcp, interval: 1h, timeout: 5s, initial_state: up }}\n    backends:\n      - {{ name: pg-1, address: \"{}\" }}\n      - {{ name: pg-2, address: \"{}\", weight: 2 }}\n  - name: cache\n    balance: maglev\n    max_fails: 1\n    fail_duration: 1h\n    backends:\n      - {{ name: cache-a, address: \"{}\" }}\n      - {{ name: cache-b, address: \"{}\" }}\n      - {{ name: cache-c, address: \"{}\" }}\n  - name: replicas\n    backends:\n      - {{ name: r-1, address: \"{}\" }}\n      - {{ name: r-2, address: \"{}\" }}\n",
         backends[0].addr,
         backends[1].addr,
         backends[2].addr,
         backends[3].addr,
         refused_addr(),
+        backends[2].addr,
+        backends[3].addr,
     );
     let lb = Balancer::start(&yaml).await;
     let admin = lb.admin.unwrap();
+    // pg-write is checked (first check at startup, shown as the last check).
+    for b in ["pg-1", "pg-2"] {
+        let state = lb.shared.backend_state("pg-write", b).unwrap();
+        within("first check", async {
+            while state.last_check().is_none() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+    }
+    // r-2 is a standby, as a replica is in a primary-only pool: healthy, not in rotation.
+    lb.shared
+        .backend_state("replicas", "r-2")
+        .unwrap()
+        .set_status(switchyard::backend::HealthStatus::STANDBY);
     // Some traffic, one drained backend, one in maintenance, one down (refused connects).
     let mut held = Vec::new();
     for _ in 0..5 {
@@ -168,6 +185,33 @@ async fn status_page_renders_in_headless_chromium() {
     }
     for state in ["pill up", "pill drain", "pill maint", "pill down"] {
         assert!(dom.contains(state), "page lacks a {state:?} pill:\n{dom}");
+    }
+    // A pool whose only other backend is a standby is healthy, not degraded.
+    assert!(
+        dom.contains("pill standby"),
+        "page lacks a standby pill:\n{dom}"
+    );
+    let replicas = dom
+        .split("data-pool=\"replicas\"")
+        .nth(1)
+        .and_then(|rest| rest.split("</h2>").next())
+        .unwrap_or_else(|| panic!("no replicas pool on the page:\n{dom}"));
+    assert!(
+        replicas.contains(r#"<span class="pill up">healthy</span>"#),
+        "a pool with a standby is shown as {replicas}"
+    );
+    // The last active check, in its own state's colour.
+    assert!(
+        dom.contains(r#"<span class="pill up">up</span><span class="muted"> "#),
+        "page lacks a passing last check:\n{dom}"
+    );
+    // The TLS listener shows its routes by SNI and that unrouted names are closed.
+    for text in [
+        "tls sni",
+        "db.example.com</span> → pg-write",
+        "default → closed",
+    ] {
+        assert!(dom.contains(text), "page lacks {text:?}:\n{dom}");
     }
     assert!(
         dom.contains("updated "),

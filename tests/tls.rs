@@ -396,3 +396,165 @@ async fn s_client(addr: SocketAddr, name: &str, ca: &std::path::Path) -> Vec<Str
     let _ = child.kill().await;
     lines
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_records_sni_and_why_a_connection_was_refused() {
+    let db = Backend::start("db-plain").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("access.log");
+    let yaml = format!(
+        "access_log: {{ path: \"{}\", format: json }}
+listeners:
+  - name: tls
+    bind: 127.0.0.1:0
+    tls_passthrough:
+      client_hello_timeout: 5s
+      routes: [{{ sni: [db.example.com], pool: db }}]
+pools:
+  - {{ name: db, backends: [{{ address: \"{}\" }}] }}
+",
+        log.display(),
+        db.addr
+    );
+    let lb = Balancer::start(&yaml).await;
+    let addr = lb.addr("tls");
+    // Routed: the record names the pool and the server name.
+    let mut tcp = TcpStream::connect(addr).await.expect("connect");
+    tcp.write_all(&build_client_hello(Some("db.example.com"), &[], 0))
+        .await
+        .expect("hello");
+    let (greeting, reader) = greet(tcp).await;
+    assert_eq!(greeting, "db-plain");
+    drop(reader);
+    // No route for this name, and no default pool: refused, with the name it asked for.
+    let mut tcp = TcpStream::connect(addr).await.expect("connect");
+    tcp.write_all(&build_client_hello(Some("other.example.org"), &[], 0))
+        .await
+        .expect("hello");
+    assert!(read_to_end(&mut tcp).await.is_empty());
+    // Not TLS at all.
+    let mut tcp = TcpStream::connect(addr).await.expect("connect");
+    tcp.write_all(b"GET / HTTP/1.0\r\n\r\n")
+        .await
+        .expect("write");
+    assert!(read_to_end(&mut tcp).await.is_empty());
+
+    let records = within("three access log records", async {
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let records: Vec<serde_json::Value> = text
+                .lines()
+                .map(|l| serde_json::from_str(l).expect("JSON record"))
+                .collect();
+            if records.len() == 3 {
+                return records;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let by_sni = |sni: &str| {
+        records
+            .iter()
+            .find(|r| r["sni"] == sni)
+            .unwrap_or_else(|| panic!("no record for {sni}: {records:?}"))
+    };
+    let routed = by_sni("db.example.com");
+    assert_eq!(routed["pool"], "db");
+    assert_eq!(routed["refused"], serde_json::Value::Null);
+    let no_route = by_sni("other.example.org");
+    assert_eq!(no_route["reason"], "refused");
+    assert_eq!(no_route["refused"], "no_route");
+    assert_eq!(no_route["backend"], serde_json::Value::Null);
+    let not_tls = records
+        .iter()
+        .find(|r| r["refused"] == "not_tls")
+        .unwrap_or_else(|| panic!("no not_tls record: {records:?}"));
+    assert_eq!(not_tls["sni"], serde_json::Value::Null);
+    assert_eq!(not_tls["reason"], "refused");
+
+    // The status document shows the routes, that unrouted names are closed, and the
+    // refusals by reason.
+    let status =
+        serde_json::to_value(switchyard::admin::status::status(&lb.control, false)).expect("json");
+    let l = &status["listeners"][0];
+    assert_eq!(l["pool"], "-");
+    assert_eq!(l["tls"]["default_pool"], serde_json::Value::Null);
+    assert_eq!(l["tls"]["routes"][0]["sni"][0], "db.example.com");
+    assert_eq!(l["tls"]["routes"][0]["pool"], "db");
+    assert_eq!(l["connections"]["rejected"], 2);
+    assert_eq!(l["connections"]["rejected_by_reason"]["no_route"], 1);
+    assert_eq!(l["connections"]["rejected_by_reason"]["not_tls"], 1);
+    assert_eq!(l["connections"]["rejected_by_reason"]["max_connections"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_reroutes_tls_keeps_open_sessions_and_restarts_probers() {
+    let db = Backend::start("db").await;
+    let api = Backend::start("api").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("switchyard.yaml");
+    let yaml = |route_to: &str, interval: &str, default: &str| {
+        format!(
+            "listeners:
+  - name: tls
+    bind: 127.0.0.1:0
+    tls_passthrough:
+      routes: [{{ sni: [db.example.com], pool: {route_to} }}]
+{default}pools:
+  - name: db
+    health_check: {{ type: tcp, interval: {interval}, timeout: 100ms, rise: 1, fall: 3 }}
+    backends: [{{ name: db, address: \"{}\" }}]
+  - name: api
+    health_check: {{ type: tcp, interval: {interval}, timeout: 100ms, rise: 1, fall: 3 }}
+    backends: [{{ name: api, address: \"{}\" }}]
+",
+            db.addr, api.addr
+        )
+    };
+    std::fs::write(&path, yaml("db", "100ms", "")).expect("write");
+    let lb = Balancer::start_file(&path).await;
+    wait_status(&lb, "db", "db", switchyard::backend::HealthStatus::UP).await;
+    wait_status(&lb, "api", "api", switchyard::backend::HealthStatus::UP).await;
+    let addr = lb.addr("tls");
+    let hello = |name: &str| build_client_hello(Some(name), &[], 0);
+    let mut held = TcpStream::connect(addr).await.expect("connect");
+    held.write_all(&hello("db.example.com"))
+        .await
+        .expect("hello");
+    let (greeting, mut held) = greet(held).await;
+    assert_eq!(greeting, "db");
+    let mut echoed = vec![0u8; hello("db.example.com").len()];
+    within("echo", held.read_exact(&mut echoed))
+        .await
+        .expect("echo");
+
+    // The name now goes to api, unrouted names to api too, and the checks change.
+    std::fs::write(&path, yaml("api", "150ms", "      default_pool: api\n")).expect("write");
+    lb.control.reload().await.expect("reload");
+    // Health carried over: no flap to pending while the restarted probers start.
+    for (pool, name) in [("db", "db"), ("api", "api")] {
+        assert_eq!(
+            lb.shared.backend_state(pool, name).expect("state").status(),
+            switchyard::backend::HealthStatus::UP
+        );
+    }
+    assert_eq!(lb.shared.health.probers(), 2, "one prober per backend");
+
+    // The session opened before the reload goes on, to db.
+    held.get_mut()
+        .write_all(b"still here")
+        .await
+        .expect("write");
+    let mut buf = [0u8; 10];
+    within("echo after reload", held.read_exact(&mut buf))
+        .await
+        .expect("echo");
+    assert_eq!(&buf, b"still here");
+    // New sessions follow the new routes.
+    for name in ["db.example.com", "unknown.example.org"] {
+        let mut tcp = TcpStream::connect(addr).await.expect("connect");
+        tcp.write_all(&hello(name)).await.expect("hello");
+        assert_eq!(greet(tcp).await.0, "api", "{name}");
+    }
+}

@@ -5,7 +5,7 @@
 //! A backend's `state` is one of up, down, standby, drain, maint. Its `health` object
 //! (`{state, reason, last_check}`) is what checking concluded: today the passive breaker
 //! and the health atomic; active checks fill `last_check`. Listeners carry a `protocol` and
-//! leave room for per-protocol fields.
+//! per-protocol fields (`tls` for TLS passthrough: routes by SNI and the default pool).
 
 use std::collections::BTreeMap;
 
@@ -13,8 +13,10 @@ use serde::Serialize;
 
 use crate::backend::{AdminState, Backend, Health};
 use crate::clock;
+use crate::config::{SniPattern, TlsPassthrough};
 use crate::conn::CloseReason;
 use crate::control::{admin_state_name, unix_seconds, Control};
+use crate::route::Refusal;
 use crate::state::{Pool, Route};
 
 /// Overall backend states, as used in the status document and `switchyard_backend_state`.
@@ -55,7 +57,11 @@ pub struct ListenerStatus {
     /// Where it is bound now (differs from `bind` with port 0); None when not accepting.
     pub local_addr: Option<String>,
     pub sockets: usize,
+    /// The pool connections go to; for TLS passthrough, the default pool ("-": none, so
+    /// unrouted connections are closed) while `tls.routes` say where the others go.
     pub pool: String,
+    /// TLS passthrough settings, when the listener routes by SNI.
+    pub tls: Option<TlsStatus>,
     pub max_connections: usize,
     pub idle_timeout_seconds: f64,
     pub connections: ListenerConnections,
@@ -63,10 +69,30 @@ pub struct ListenerStatus {
 }
 
 #[derive(Debug, Serialize)]
+pub struct TlsStatus {
+    pub client_hello_timeout_seconds: f64,
+    pub postgres: bool,
+    pub require_tls: bool,
+    pub default_pool: Option<String>,
+    pub routes: Vec<TlsRouteStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TlsRouteStatus {
+    /// Server names as configured (`*.example.com` for a wildcard).
+    pub sni: Vec<String>,
+    pub alpn: Vec<String>,
+    pub pool: String,
+}
+
+#[derive(Debug, Serialize)]
 pub struct ListenerConnections {
     pub active: i64,
     pub accepted: u64,
+    /// Turned away: at `max_connections`, or refused by the routing step.
     pub rejected: u64,
+    /// `rejected` by reason (`max_connections`, `acl_denied`, `no_route`, ...).
+    pub rejected_by_reason: BTreeMap<&'static str, u64>,
     pub closed: BTreeMap<&'static str, u64>,
 }
 
@@ -115,6 +141,9 @@ pub struct HealthStatus {
 
 #[derive(Debug, Serialize)]
 pub struct CheckStatus {
+    /// What this one check found: up, standby or down (before rise/fall).
+    pub state: &'static str,
+    /// `up`, `standby`, or the down reason.
     pub result: &'static str,
     pub age_seconds: f64,
     pub duration_seconds: f64,
@@ -161,6 +190,7 @@ pub fn health(backend: &Backend, now_ms: u64) -> (&'static str, Option<String>) 
 fn last_check(backend: &Backend, now_ms: u64) -> Option<CheckStatus> {
     let check = backend.state.last_check()?;
     Some(CheckStatus {
+        state: check.result.health.as_str(),
         result: check
             .result
             .reason
@@ -228,23 +258,63 @@ pub fn pool_status(pool: &Pool, now_ms: u64) -> PoolStatus {
     }
 }
 
+fn tls_status(t: &TlsPassthrough) -> TlsStatus {
+    TlsStatus {
+        client_hello_timeout_seconds: t.client_hello_timeout.as_secs_f64(),
+        postgres: t.postgres,
+        require_tls: t.require_tls,
+        default_pool: t.default_pool.clone(),
+        routes: t
+            .routes
+            .iter()
+            .map(|r| TlsRouteStatus {
+                sni: r
+                    .sni
+                    .iter()
+                    .map(|p| match p {
+                        SniPattern::Exact(n) => n.clone(),
+                        SniPattern::Wildcard(n) => format!("*.{n}"),
+                    })
+                    .collect(),
+                alpn: r
+                    .alpn
+                    .iter()
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect(),
+                pool: r.pool.clone(),
+            })
+            .collect(),
+    }
+}
+
 fn listener_status(route: &Route, control: &Control) -> ListenerStatus {
     let m = &route.metrics;
     let running = control.listeners();
     let info = running.get(&route.config.name);
+    let tls = route.config.tls_passthrough.as_ref();
+    let mut rejected_by_reason: BTreeMap<&'static str, u64> = Refusal::ALL
+        .iter()
+        .map(|r| (r.as_str(), m.refused(*r).get()))
+        .collect();
+    rejected_by_reason.insert("max_connections", m.rejected_max_connections.get());
     ListenerStatus {
         name: route.config.name.clone(),
         protocol: "tcp",
         bind: route.config.bind.to_string(),
         local_addr: info.map(|i| i.local.to_string()),
         sockets: info.map_or(0, |i| i.sockets),
-        pool: route.pool.config.name.clone(),
+        pool: match tls {
+            Some(t) => t.default_pool.clone().unwrap_or_else(|| "-".to_string()),
+            None => route.pool.config.name.clone(),
+        },
+        tls: tls.map(tls_status),
         max_connections: route.config.max_connections,
         idle_timeout_seconds: route.config.idle_timeout.as_secs_f64(),
         connections: ListenerConnections {
             active: m.active.get(),
             accepted: m.accepted.get(),
-            rejected: m.rejected_max_connections.get(),
+            rejected: rejected_by_reason.values().sum(),
+            rejected_by_reason,
             closed: CloseReason::ALL
                 .iter()
                 .map(|r| (r.as_str(), m.closed(*r).get()))

@@ -80,6 +80,31 @@ impl PoolArbiter {
         }
     }
 
+    /// Takes over what `previous` (the arbiter of the probers this one replaces, after a
+    /// reload) knew of the backends named in `same`: their own decided state and primary
+    /// timeline, and whether a split brain was being refused. Without it, the first
+    /// backend to report after a restart would be judged alone: an old primary refused
+    /// for split brain would take writes until the newer primary reported again.
+    /// Call before any prober reports.
+    pub fn carry_over(&self, previous: &PoolArbiter, same: &[&str]) {
+        if self.split_brain.is_none() || previous.split_brain.is_none() {
+            return;
+        }
+        let old = previous.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        for slot in &mut inner.slots {
+            if !same.contains(&&*slot.name) {
+                continue;
+            }
+            if let Some(before) = old.slots.iter().find(|o| o.name == slot.name) {
+                slot.decided = before.decided;
+                slot.timeline = before.timeline;
+                slot.detail.clone_from(&before.detail);
+            }
+        }
+        inner.split = old.split;
+    }
+
     /// Records backend `index`'s decided state and republishes the pool.
     pub fn report(
         &self,
@@ -250,6 +275,50 @@ mod tests {
     const UP: HealthStatus = HealthStatus::UP;
     fn sb() -> HealthStatus {
         HealthStatus::down(DownReason::SplitBrain)
+    }
+
+    #[test]
+    fn restarted_arbiter_keeps_refusing_the_old_primary() {
+        let (a, _m) = arbiter(Some(OnMultiplePrimaries::NewestTimeline), 2);
+        a.report(0, UP, Some(1), None);
+        a.report(1, UP, Some(2), None);
+        assert_eq!(statuses(&a), vec![sb(), UP]);
+
+        // A reload restarts the probers over the same states: b0 (the old primary, on the
+        // older timeline) happens to report first.
+        let metrics = Metrics::new();
+        let inner = a.inner.lock().expect("lock");
+        let slots = inner
+            .slots
+            .iter()
+            .map(|s| {
+                Slot::new(
+                    Arc::clone(&s.name),
+                    Arc::clone(&s.state),
+                    metrics.health("p", &s.name, "postgres"),
+                )
+            })
+            .collect();
+        drop(inner);
+        let restarted = PoolArbiter::new(
+            Arc::from("p"),
+            Some(OnMultiplePrimaries::NewestTimeline),
+            true,
+            metrics.split_brain("p"),
+            slots,
+        );
+        restarted.carry_over(&a, &["b0", "b1"]);
+        restarted.report(0, UP, Some(1), None);
+        assert_eq!(
+            statuses(&restarted),
+            vec![sb(), UP],
+            "the old primary never comes back while the newer one is known"
+        );
+        assert_eq!(
+            metrics.split_brain("p").get(),
+            0,
+            "the ongoing split brain is not counted again"
+        );
     }
 
     #[test]

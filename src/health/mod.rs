@@ -86,6 +86,33 @@ pub fn initial_status(pool: &PoolConfig) -> HealthStatus {
     }
 }
 
+/// After a reload: closes the open connections of every backend that `previous` had and
+/// `current` no longer has (removed, its pool removed, or its address changed), when its
+/// pool said `on_backend_down: close_connections`. Other connections are never cut.
+pub fn close_removed(previous: &Snapshot, current: &Snapshot) {
+    for (name, old) in &previous.pools {
+        if old.config.on_backend_down != OnBackendDown::CloseConnections {
+            continue;
+        }
+        let new = current.pools.get(name);
+        for b in &old.backends {
+            let same_name = new.and_then(|p| p.backends.iter().find(|n| n.name == b.name));
+            match same_name {
+                Some(n) if n.addr == b.addr => continue,
+                // Same name, new address: the state lives on for the new address.
+                Some(_) => b
+                    .state
+                    .close_connections(crate::conn::CloseReason::BackendDown),
+                None => b.state.retire(),
+            }
+            let open = b.state.active();
+            if open > 0 {
+                tracing::warn!(pool = %name, backend = %b.name, open_connections = open, "backend removed by reload; closing its open connections (on_backend_down: close_connections)");
+            }
+        }
+    }
+}
+
 /// What a pool's probers were started from; a change restarts them.
 #[derive(Debug, Clone, PartialEq)]
 struct PoolSpec {
@@ -110,6 +137,8 @@ impl PoolSpec {
 
 struct RunningPool {
     spec: PoolSpec,
+    /// The pool's arbiter, when it has a check (handed to the probers that replace these).
+    arbiter: Option<Arc<PoolArbiter>>,
     /// The backend states the probers write (a rebuild carries the same ones).
     states: Vec<Arc<BackendState>>,
     cancel: CancellationToken,
@@ -178,6 +207,7 @@ impl Supervisor {
             let spec = PoolSpec::of(pool);
             let states: Vec<Arc<BackendState>> =
                 pool.backends.iter().map(|b| Arc::clone(&b.state)).collect();
+            let mut previous = None;
             if let Some(running) = inner.pools.get(name) {
                 let same_states = running
                     .states
@@ -188,6 +218,10 @@ impl Supervisor {
                     continue;
                 }
                 running.stop();
+                previous = running
+                    .arbiter
+                    .as_ref()
+                    .map(|a| (Arc::clone(a), running.spec.backends.clone()));
             }
             if spec.check.is_none() {
                 // No active check (any more): only the passive breaker and the admin state
@@ -196,7 +230,7 @@ impl Supervisor {
                     s.set_status(HealthStatus::UP);
                 }
             }
-            let running = spawn_pool(pool, spec, states, metrics);
+            let running = spawn_pool(pool, spec, states, metrics, previous);
             inner.pools.insert(name.clone(), running);
         }
     }
@@ -231,14 +265,20 @@ impl Drop for Supervisor {
     }
 }
 
+/// An arbiter being replaced and the backends (name, address) it judged.
+type Previous = (Arc<PoolArbiter>, Vec<(String, SocketAddr)>);
+
+/// Starts the probers of `pool`. `previous`: the verdicts to carry over.
 fn spawn_pool(
     pool: &Pool,
     spec: PoolSpec,
     states: Vec<Arc<BackendState>>,
     metrics: &Metrics,
+    previous: Option<Previous>,
 ) -> RunningPool {
     let cancel = CancellationToken::new();
     let mut tasks = Vec::new();
+    let mut running_arbiter = None;
     if let Some(check) = &spec.check {
         let pool_name: Arc<str> = Arc::from(pool.config.name.as_str());
         let split_brain = match &check.kind {
@@ -265,6 +305,16 @@ fn spawn_pool(
             metrics.split_brain(&pool.config.name),
             slots,
         ));
+        if let Some((old, judged)) = &previous {
+            let same: Vec<&str> = spec
+                .backends
+                .iter()
+                .filter(|b| judged.contains(b))
+                .map(|(name, _)| name.as_str())
+                .collect();
+            arbiter.carry_over(old, &same);
+        }
+        running_arbiter = Some(Arc::clone(&arbiter));
         for (index, (backend, m)) in pool.backends.iter().zip(slot_metrics).enumerate() {
             let prober = Prober {
                 pool: Arc::clone(&pool_name),
@@ -282,6 +332,7 @@ fn spawn_pool(
     }
     RunningPool {
         spec,
+        arbiter: running_arbiter,
         states,
         cancel,
         tasks,

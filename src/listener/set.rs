@@ -217,8 +217,8 @@ impl ListenerSet {
     }
 
     /// Moves the running set to `config`: binds what is new (failing without changing
-    /// anything), then calls `publish` (which swaps the routing snapshot), then starts,
-    /// renames and stops listeners to match.
+    /// anything), stops renamed and removed listeners, then calls `publish` (which swaps
+    /// the routing snapshot), then starts the new and renamed ones.
     pub async fn apply(
         &mut self,
         config: Config,
@@ -289,6 +289,21 @@ impl ListenerSet {
             .map(|l| (l.name.clone(), l.clone()))
             .collect();
         let mut changes = Changes::default();
+        // 4. Removed listeners stop accepting before the snapshot without them is published,
+        //    so every connection is accepted under a snapshot that routes it.
+        let removed: Vec<String> = self
+            .running
+            .keys()
+            .filter(|n| !listeners_by_name.contains_key(*n))
+            .cloned()
+            .collect();
+        for name in removed {
+            if let Some(r) = self.running.remove(&name) {
+                drop(stop(r.stop, r.tasks).await);
+                info!(listener = %name, bind = %r.bind, "listener removed; socket closed, open connections go on");
+                changes.removed.push(name);
+            }
+        }
         publish(config);
 
         for (name, bind, local, listeners, dups, limit, max) in moved {
@@ -312,19 +327,6 @@ impl ListenerSet {
                 l.max_connections,
             );
             changes.added.push(l.name.clone());
-        }
-        let removed: Vec<String> = self
-            .running
-            .keys()
-            .filter(|n| !listeners_by_name.contains_key(*n))
-            .cloned()
-            .collect();
-        for name in removed {
-            if let Some(r) = self.running.remove(&name) {
-                drop(stop(r.stop, r.tasks).await);
-                info!(listener = %name, bind = %r.bind, "listener removed; socket closed, open connections go on");
-                changes.removed.push(name);
-            }
         }
         for (name, r) in &mut self.running {
             if let Some(l) = listeners_by_name.get(name) {

@@ -101,6 +101,7 @@ impl AcceptLoop {
                                 stream,
                                 peer,
                                 permit,
+                                self.ctx.shared.snapshot(),
                             ));
                         }
                         Err(_) => {

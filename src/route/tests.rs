@@ -1,3 +1,6 @@
+//! Unit tests of the routing step: the SNI router (exact before wildcard, ALPN, default
+//! pool), refusal labels, and telling an untrusted PROXY header apart.
+
 use super::*;
 use crate::config::Config;
 use crate::metrics::Metrics;

@@ -265,3 +265,27 @@ pub fn one_pool(pool_extra: &str, listener_extra: &str, backends: &[(SocketAddr,
     }
     yaml
 }
+
+/// Waits (up to [`LIMIT`]) until `pool`/`backend` has health `want`; panics with the last
+/// state seen.
+pub async fn wait_status(
+    lb: &Balancer,
+    pool: &str,
+    backend: &str,
+    want: switchyard::backend::HealthStatus,
+) {
+    let state = lb
+        .shared
+        .backend_state(pool, backend)
+        .unwrap_or_else(|| panic!("no backend {pool}/{backend}"));
+    let deadline = std::time::Instant::now() + LIMIT;
+    while state.status() != want {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{pool}/{backend}: still {} after {LIMIT:?}, wanted {}",
+            state.status().describe(),
+            want.describe()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -1,3 +1,6 @@
+//! Unit tests of the ClientHello parser: TLS 1.2 and 1.3 hellos, SNI and ALPN, hellos
+//! split across records and segments, and each malformed or oversized input.
+
 use super::*;
 
 fn complete(input: &[u8]) -> ClientHello {
