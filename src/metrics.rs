@@ -103,20 +103,6 @@ pub mod names {
     ];
 }
 
-/// Why a listener turned a connection away before any backend was chosen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RejectReason {
-    MaxConnections,
-}
-
-impl RejectReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RejectReason::MaxConnections => "max_connections",
-        }
-    }
-}
-
 /// The registry and metric families of one running balancer.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -162,7 +148,6 @@ pub struct OpsMetrics {
 #[derive(Debug, Clone)]
 pub struct ListenerMetrics {
     pub accepted: IntCounter,
-    pub rejected_max_connections: IntCounter,
     pub active: IntGauge,
     pub accept_errors: IntCounter,
     pub bytes_from_clients: IntCounter,
@@ -474,9 +459,6 @@ impl Metrics {
         let l = &[listener];
         ListenerMetrics {
             accepted: self.listener_accepted.with_label_values(l),
-            rejected_max_connections: self
-                .listener_rejected
-                .with_label_values(&[listener, RejectReason::MaxConnections.as_str()]),
             active: self.listener_active.with_label_values(l),
             accept_errors: self.listener_accept_errors.with_label_values(l),
             bytes_from_clients: self.listener_bytes_from_clients.with_label_values(l),

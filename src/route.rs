@@ -28,6 +28,8 @@ use crate::tls::sni::{self, ClientHello, HelloError, Parsed};
 /// Why the routing step closed a connection: a bounded set, used as a metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
+    /// The listener already has `max_connections` open (turned away at accept).
+    MaxConnections,
     /// The source address is denied by the listener's ACL.
     AclDenied,
     /// A peer not in `accept_proxy_protocol.from` sent a PROXY header.
@@ -53,7 +55,8 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 11] = [
+    pub const ALL: [Refusal; 12] = [
+        Refusal::MaxConnections,
         Refusal::AclDenied,
         Refusal::ProxyUntrusted,
         Refusal::ProxyMalformed,
@@ -69,6 +72,7 @@ impl Refusal {
 
     pub fn as_str(self) -> &'static str {
         match self {
+            Refusal::MaxConnections => "max_connections",
             Refusal::AclDenied => "acl_denied",
             Refusal::ProxyUntrusted => "proxy_untrusted",
             Refusal::ProxyMalformed => "proxy_malformed",

@@ -587,6 +587,52 @@ async fn reload_adds_removes_and_renames_listeners_without_cutting_connections()
 }
 
 #[tokio::test]
+async fn access_log_records_connections_turned_away_at_max_connections() {
+    let a = Backend::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let yaml = config(
+        &[("a", a.addr, 1)],
+        &format!("access_log:\n  path: {}\n  format: json\n", log.display()),
+    )
+    .replace(
+        "    pool: p\npools:",
+        "    pool: p\n    max_connections: 1\npools:",
+    );
+    let mut lb = Balancer::start(&yaml).await;
+    let held = greet(TcpStream::connect(lb.addr("l")).await.unwrap()).await;
+    let mut extra = TcpStream::connect(lb.addr("l")).await.unwrap();
+    assert!(read_to_end(&mut extra).await.is_empty());
+    drop(held);
+    wait_for("held connection closed", || {
+        lb.counter("switchyard_listener_connections_closed_total", &[]) == 1
+    })
+    .await;
+    lb.begin_shutdown();
+    lb.finished().await;
+    let text = std::fs::read_to_string(&log).expect("access log");
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 2, "{text}");
+    let refused: Vec<_> = records
+        .iter()
+        .filter(|r| r["reason"] == "refused")
+        .collect();
+    assert_eq!(refused.len(), 1, "{text}");
+    assert_eq!(refused[0]["refused"], "max_connections");
+    assert!(refused[0]["backend"].is_null());
+    assert_eq!(
+        lb.counter(
+            "switchyard_listener_connections_rejected_total",
+            &[("reason", "max_connections")]
+        ),
+        1
+    );
+}
+
+#[tokio::test]
 async fn access_log_writes_one_record_per_connection() {
     let a = Backend::start("a").await;
     let dir = tempfile::tempdir().unwrap();

@@ -292,11 +292,10 @@ fn listener_status(route: &Route, control: &Control) -> ListenerStatus {
     let running = control.listeners();
     let info = running.get(&route.config.name);
     let tls = route.config.tls_passthrough.as_ref();
-    let mut rejected_by_reason: BTreeMap<&'static str, u64> = Refusal::ALL
+    let rejected_by_reason: BTreeMap<&'static str, u64> = Refusal::ALL
         .iter()
         .map(|r| (r.as_str(), m.refused(*r).get()))
         .collect();
-    rejected_by_reason.insert("max_connections", m.rejected_max_connections.get());
     ListenerStatus {
         name: route.config.name.clone(),
         protocol: "tcp",

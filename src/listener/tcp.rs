@@ -16,8 +16,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error};
 
-use crate::conn::{self, ListenerCtx};
+use crate::access_log::Record;
+use crate::backend::ClientAddr;
+use crate::conn::{self, CloseReason, ListenerCtx};
 use crate::metrics::ListenerMetrics;
+use crate::route::Refusal;
 
 const LISTEN_BACKLOG: i32 = 4096;
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
@@ -105,9 +108,22 @@ impl AcceptLoop {
                             ));
                         }
                         Err(_) => {
-                            self.metrics.rejected_max_connections.inc();
+                            self.metrics.refused(Refusal::MaxConnections).inc();
                             debug!(listener = %self.ctx.name, client = %peer, "max_connections reached; closing");
                             drop(stream);
+                            self.ctx.access_log.log(|| Record {
+                                time: std::time::SystemTime::now(),
+                                listener: Arc::clone(&self.ctx.name),
+                                client: ClientAddr(peer),
+                                pool: Arc::from("-"),
+                                backend: None,
+                                sni: None,
+                                bytes_from_client: 0,
+                                bytes_to_client: 0,
+                                duration: Duration::ZERO,
+                                reason: CloseReason::Refused,
+                                refused: Some(Refusal::MaxConnections),
+                            });
                         }
                     }
                 }
