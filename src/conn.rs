@@ -154,7 +154,8 @@ fn log_close(
     );
 }
 
-fn hash_key(kind: HashKey, client: ClientAddr) -> u64 {
+/// The key a Maglev pool hashes for this client (shared with UDP flows).
+pub fn hash_key(kind: HashKey, client: ClientAddr) -> u64 {
     let mut bytes = [0u8; 18];
     let len = match client.0.ip() {
         std::net::IpAddr::V4(ip) => {

@@ -1,6 +1,6 @@
-//! A running balancer: binds every listener, spawns accept tasks and connections, and shuts
-//! down gracefully (stop accepting, let connections finish for `shutdown_grace`, then close
-//! them). `main`, the tests, the benches and the demo all drive this same type.
+//! A running balancer: binds every listener, spawns accept tasks, connections and UDP flow
+//! loops, and shuts down gracefully (stop accepting, let connections finish for
+//! `shutdown_grace`, then close them). `main`, the tests, the benches and the demo all drive this same type.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -14,9 +14,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, Protocol};
 use crate::conn::ListenerCtx;
 use crate::listener::tcp::{self, AcceptLoop};
+use crate::listener::udp::{self, UdpLoop};
 use crate::metrics::Metrics;
 use crate::state::Shared;
 
@@ -24,6 +25,7 @@ use crate::state::Shared;
 pub struct Server {
     shared: Arc<Shared>,
     sockets: Vec<(String, Vec<std::net::TcpListener>)>,
+    udp_sockets: Vec<(String, std::net::UdpSocket)>,
     local_addrs: HashMap<String, SocketAddr>,
 }
 
@@ -32,7 +34,19 @@ impl Server {
     pub fn bind(config: Config) -> anyhow::Result<Server> {
         let mut sockets = Vec::with_capacity(config.listeners.len());
         let mut local_addrs = HashMap::new();
+        let mut udp_sockets = Vec::new();
         for l in &config.listeners {
+            if l.protocol == Protocol::Udp {
+                let socket = udp::bind(l.bind).with_context(|| {
+                    format!("listener \"{}\": cannot bind udp {}", l.name, l.bind)
+                })?;
+                let addr = socket
+                    .local_addr()
+                    .with_context(|| format!("listener \"{}\": local address", l.name))?;
+                local_addrs.insert(l.name.clone(), addr);
+                udp_sockets.push((l.name.clone(), socket));
+                continue;
+            }
             let bound = tcp::bind_all(l.bind, l.reuse_port, l.accept_tasks)
                 .with_context(|| format!("listener \"{}\": cannot bind {}", l.name, l.bind))?;
             let addr = bound[0]
@@ -44,6 +58,7 @@ impl Server {
         Ok(Server {
             shared: Shared::new(config, Metrics::new()),
             sockets,
+            udp_sockets,
             local_addrs,
         })
     }
@@ -91,6 +106,24 @@ impl Server {
                     .run(),
                 );
             }
+        }
+        for (name, socket) in self.udp_sockets {
+            let Some(route) = snapshot.route(&name) else {
+                continue;
+            };
+            udp::log_listening(&name, route);
+            // Tracked like a connection: at shutdown it stops starting flows and ends once
+            // its open flows have, or when the grace period is over.
+            tracker.spawn(
+                UdpLoop {
+                    name: Arc::from(name.as_str()),
+                    shared: Arc::clone(&self.shared),
+                    socket,
+                    stop: stop_accepting.clone(),
+                    close_all: close_all.clone(),
+                }
+                .run(),
+            );
         }
         let grace = snapshot.config.global.shutdown_grace;
         drop(snapshot);

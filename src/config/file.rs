@@ -8,7 +8,7 @@ use serde::{Deserialize, Deserializer};
 
 use crate::balance::Algorithm;
 
-use super::HashKey;
+use super::{HashKey, Protocol};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -52,6 +52,18 @@ pub struct ListenerSection {
     pub idle_timeout: Option<ConfigDuration>,
     pub reuse_port: Option<bool>,
     pub accept_tasks: Option<usize>,
+    pub protocol: Option<Protocol>,
+    pub udp: Option<UdpSection>,
+}
+
+/// Settings of a `protocol: udp` listener.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UdpSection {
+    pub idle_timeout: Option<ConfigDuration>,
+    pub responses: Option<u32>,
+    pub max_flows: Option<usize>,
+    pub batch: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -6,6 +6,7 @@
 mod error;
 mod file;
 mod locate;
+mod udp;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -16,6 +17,7 @@ use serde::Deserialize;
 
 pub use error::{ConfigError, ConfigLocation};
 pub use file::ConfigDuration;
+pub use udp::{Protocol, UdpConfig};
 
 use crate::balance::{self, Algorithm};
 use file::{BackendSection, ConfigFile, DefaultsSection, ListenerSection, PoolSection};
@@ -69,6 +71,10 @@ pub struct ListenerConfig {
     pub reuse_port: bool,
     /// Accept tasks (each with its own SO_REUSEPORT socket); 1 without `reuse_port`.
     pub accept_tasks: usize,
+    /// `tcp` (the default) or `udp`.
+    pub protocol: Protocol,
+    /// Flow settings; used only when `protocol` is `udp` (defaults otherwise).
+    pub udp: UdpConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -241,7 +247,7 @@ fn validate(file: ConfigFile, ctx: &Ctx<'_>) -> Result<Config, ConfigError> {
         }
         if let Some(other) = listeners
             .iter()
-            .find(|l| binds_conflict(l.bind, listener.bind))
+            .find(|l| l.protocol == listener.protocol && binds_conflict(l.bind, listener.bind))
         {
             return Err(ctx.error(
                 &format!("{path}.bind"),
@@ -269,6 +275,7 @@ fn validate_listener(
     ctx: &Ctx<'_>,
 ) -> Result<ListenerConfig, ConfigError> {
     let bind = parse_addr(&s.bind, &format!("{path}.bind"), ctx)?;
+    let (protocol, udp) = udp::validate(&s, path, ctx)?;
     let max_connections = s
         .max_connections
         .or(defaults.max_connections)
@@ -305,6 +312,8 @@ fn validate_listener(
         idle_timeout: dur(s.idle_timeout, defaults.idle_timeout, DEFAULT_IDLE_TIMEOUT),
         reuse_port,
         accept_tasks,
+        protocol,
+        udp,
     })
 }
 

@@ -1,4 +1,5 @@
-//! Listeners: bind sockets and accept connections. TCP only for now; the UDP flow listener
-//! joins this module as `udp`.
+//! Listeners: bind sockets and take in clients. `tcp` accepts connections; `udp` receives
+//! datagrams and keeps a flow per client address.
 
 pub mod tcp;
+pub mod udp;
