@@ -179,11 +179,11 @@ impl UdpLoop {
                 }
                 ready = socket.readable() => {
                     ready?;
-                    flows.from_clients(&socket, &mut client_bufs);
+                    flows.client_datagrams(&socket, &mut client_bufs);
                 }
                 ready = epoll.readable() => {
                     let mut guard = ready?;
-                    if flows.from_backends(socket.as_fd(), &mut events, &mut reply_bufs) {
+                    if flows.backend_replies(socket.as_fd(), &mut events, &mut reply_bufs) {
                         guard.clear_ready();
                     }
                 }
@@ -206,7 +206,7 @@ impl UdpLoop {
 
 impl Flows {
     /// Reads client datagrams (a few batches) and forwards each to its flow's backend.
-    fn from_clients(&mut self, socket: &UdpSocket, bufs: &mut RecvBuffers) {
+    fn client_datagrams(&mut self, socket: &UdpSocket, bufs: &mut RecvBuffers) {
         for _ in 0..ROUNDS {
             let received =
                 socket.try_io(Interest::READABLE, || sys::recv_batch(socket.as_fd(), bufs));
@@ -407,7 +407,7 @@ impl Flows {
 
     /// Drains ready upstream sockets, sending replies to clients. True when nothing was left
     /// ready (the caller then clears the epoll set's readiness).
-    fn from_backends(
+    fn backend_replies(
         &mut self,
         listener: BorrowedFd<'_>,
         events: &mut [EpollEvent],
