@@ -25,7 +25,7 @@ use crate::state::Shared;
 pub struct Server {
     shared: Arc<Shared>,
     sockets: Vec<(String, Vec<std::net::TcpListener>)>,
-    udp_sockets: Vec<(String, std::net::UdpSocket)>,
+    udp_sockets: Vec<(String, Vec<std::net::UdpSocket>)>,
     local_addrs: HashMap<String, SocketAddr>,
 }
 
@@ -37,14 +37,15 @@ impl Server {
         let mut udp_sockets = Vec::new();
         for l in &config.listeners {
             if l.protocol == Protocol::Udp {
-                let socket = udp::bind(l.bind).with_context(|| {
-                    format!("listener \"{}\": cannot bind udp {}", l.name, l.bind)
-                })?;
-                let addr = socket
+                let sockets =
+                    udp::bind_all(l.bind, l.reuse_port, l.accept_tasks).with_context(|| {
+                        format!("listener \"{}\": cannot bind udp {}", l.name, l.bind)
+                    })?;
+                let addr = sockets[0]
                     .local_addr()
                     .with_context(|| format!("listener \"{}\": local address", l.name))?;
                 local_addrs.insert(l.name.clone(), addr);
-                udp_sockets.push((l.name.clone(), socket));
+                udp_sockets.push((l.name.clone(), sockets));
                 continue;
             }
             let bound = tcp::bind_all(l.bind, l.reuse_port, l.accept_tasks)
@@ -107,23 +108,27 @@ impl Server {
                 );
             }
         }
-        for (name, socket) in self.udp_sockets {
+        for (name, sockets) in self.udp_sockets {
             let Some(route) = snapshot.route(&name) else {
                 continue;
             };
             udp::log_listening(&name, route);
-            // Tracked like a connection: at shutdown it stops starting flows and ends once
-            // its open flows have, or when the grace period is over.
-            tracker.spawn(
-                UdpLoop {
-                    name: Arc::from(name.as_str()),
-                    shared: Arc::clone(&self.shared),
-                    socket,
-                    stop: stop_accepting.clone(),
-                    close_all: close_all.clone(),
-                }
-                .run(),
-            );
+            let tasks = sockets.len();
+            // Tracked like connections: at shutdown they stop starting flows and end once
+            // their open flows have, or when the grace period is over.
+            for socket in sockets {
+                tracker.spawn(
+                    UdpLoop {
+                        name: Arc::from(name.as_str()),
+                        shared: Arc::clone(&self.shared),
+                        socket,
+                        tasks,
+                        stop: stop_accepting.clone(),
+                        close_all: close_all.clone(),
+                    }
+                    .run(),
+                );
+            }
         }
         let grace = snapshot.config.global.shutdown_grace;
         drop(snapshot);

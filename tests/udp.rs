@@ -413,25 +413,40 @@ async fn shutdown_ends_open_flows_after_the_grace_period() {
 async fn tcp_and_udp_listeners_share_one_address() {
     let udp_backend = UdpBackend::start("u", Reply::Named).await;
     let tcp_backend = Backend::start("t").await;
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .expect("free port")
-        .port();
-    let yaml = format!(
-        "listeners:
+    // A port free now may be taken by the time it is bound: try a few.
+    let mut bound = None;
+    for _ in 0..10 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .expect("free port")
+            .port();
+        let yaml = format!(
+            "listeners:
   - {{name: tcp, bind: 127.0.0.1:{port}, pool: tcp}}
   - {{name: udp, bind: 127.0.0.1:{port}, protocol: udp, pool: udp}}
 pools:
   - {{name: tcp, backends: [{{address: \"{}\"}}]}}
   - {{name: udp, backends: [{{address: \"{}\"}}]}}
 ",
-        tcp_backend.addr, udp_backend.addr
+            tcp_backend.addr, udp_backend.addr
+        );
+        let config = switchyard::Config::from_yaml(&yaml, "test.yaml").expect("config");
+        if let Ok(server) = switchyard::Server::bind(config) {
+            bound = Some(server);
+            break;
+        }
+    }
+    let server = bound.expect("a port free for both tcp and udp");
+    let (tcp, udp) = (
+        server.local_addr("tcp").expect("tcp"),
+        server.local_addr("udp").expect("udp"),
     );
-    let lb = Balancer::start(&yaml).await;
-    assert_eq!(lb.addr("tcp").port(), lb.addr("udp").port());
-    assert_eq!(backend_of(lb.addr("tcp")).await, "t");
+    assert_eq!(tcp.port(), udp.port());
+    let task = tokio::spawn(server.run(std::future::pending::<()>()));
+    assert_eq!(backend_of(tcp).await, "t");
     let socket = client().await;
-    assert_eq!(exchange(&socket, lb.addr("udp"), b"x").await, b"u:x");
+    assert_eq!(exchange(&socket, udp, b"x").await, b"u:x");
+    task.abort();
 }
 
 /// A dnsmasq process answering `test.example` with 10.1.2.3, stopped by PID on drop.
@@ -592,4 +607,30 @@ async fn real_dns_server_answers_dig_through_the_balancer() {
     );
     wait_counter(&lb, FLOWS_EXPIRED, &[("reason", "responses")], 2).await;
     assert!(lb.counter("switchyard_udp_datagrams_to_clients_total", &[]) >= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reuse_port_tasks_keep_each_client_on_one_flow() {
+    let backend = UdpBackend::start("echo", Reply::Echo).await;
+    let yaml = udp_config("      idle_timeout: 30s\n", "", &[backend.addr]).replace(
+        "    protocol: udp\n",
+        "    protocol: udp\n    reuse_port: true\n    accept_tasks: 2\n",
+    );
+    let lb = Balancer::start(&yaml).await;
+    let to = lb.addr("l");
+    let mut tasks = Vec::new();
+    for c in 0..16 {
+        tasks.push(tokio::spawn(async move {
+            let socket = client().await;
+            for i in 0..5 {
+                let msg = payload(c, i, 100 + i);
+                assert_eq!(exchange(&socket, to, &msg).await, msg);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("client");
+    }
+    // Each client's datagrams all reached the same socket, so the same flow table.
+    assert_eq!(lb.counter(FLOWS_CREATED, &[]), 16);
 }

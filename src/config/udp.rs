@@ -1,5 +1,6 @@
 //! The listener's transport (`protocol: tcp | udp`) and the `udp:` section of a UDP listener:
 //! flow idle timeout, expected responses per datagram, the flow cap and the syscall batch.
+//! (`reuse_port` / `accept_tasks` apply to both: one socket and flow table per task.)
 //! Keys that only make sense for the other protocol are rejected with a pointer to the right
 //! one, so a config never carries settings that silently do nothing.
 
@@ -44,7 +45,8 @@ pub struct UdpConfig {
     /// Replies expected per client datagram; once every datagram has had them the flow ends
     /// (DNS: 1). None: flows end only when idle.
     pub responses: Option<u32>,
-    /// Flows tracked at once; datagrams that would start another are dropped and counted.
+    /// Flows tracked at once (shared out among the listener's sockets with `reuse_port`);
+    /// datagrams that would start another are dropped and counted.
     pub max_flows: usize,
     /// Datagrams moved per recvmmsg/sendmmsg call; 1 uses plain recvfrom/sendto.
     pub batch: usize,
@@ -87,16 +89,6 @@ pub(super) fn validate(
             "idle_timeout",
             s.idle_timeout.is_some(),
             "use udp.idle_timeout",
-        ),
-        (
-            "reuse_port",
-            s.reuse_port.is_some(),
-            "a udp listener has one socket",
-        ),
-        (
-            "accept_tasks",
-            s.accept_tasks.is_some(),
-            "a udp listener has one socket",
         ),
     ];
     if let Some((key, _, hint)) = tcp_only.iter().find(|(_, set, _)| *set) {
@@ -258,12 +250,18 @@ pools:
         );
         let e = err(&UDP.replace(
             "    protocol: udp\n",
-            "    protocol: udp\n    reuse_port: true\n",
+            "    protocol: udp\n    idle_timeout: 5s\n",
         ));
         assert!(
-            e.contains("listeners[0].reuse_port: reuse_port applies only to tcp listeners"),
+            e.contains("listeners[0].idle_timeout: idle_timeout applies only to tcp listeners; use udp.idle_timeout"),
             "{e}"
         );
+        let text = UDP.replace(
+            "    protocol: udp\n",
+            "    protocol: udp\n    reuse_port: true\n    accept_tasks: 2\n",
+        );
+        let c = Config::from_yaml(&text, "config.yaml").expect("reuse_port is fine on udp");
+        assert_eq!(c.listeners[0].accept_tasks, 2);
     }
 
     #[test]

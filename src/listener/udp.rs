@@ -41,10 +41,13 @@ const LISTENER_BUFFER: usize = 4 * 1024 * 1024;
 /// Batches taken from one socket before giving the others a turn.
 const ROUNDS: usize = 8;
 
-/// Binds the listener's socket (non-blocking, ready for the runtime).
-pub fn bind(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+/// Binds a listener socket (non-blocking, ready for the runtime).
+pub fn bind(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::UdpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
@@ -56,11 +59,30 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     Ok(socket.into())
 }
 
+/// Binds `tasks` sockets to `addr` (SO_REUSEPORT when more than one: the kernel then keeps
+/// each client address on one socket, so each task's flow table sees all of a client's
+/// datagrams). With port 0, the first socket's port is used for the others.
+pub fn bind_all(
+    addr: SocketAddr,
+    reuse_port: bool,
+    tasks: usize,
+) -> io::Result<Vec<std::net::UdpSocket>> {
+    let first = bind(addr, reuse_port)?;
+    let bound = first.local_addr()?;
+    let mut sockets = vec![first];
+    for _ in 1..tasks {
+        sockets.push(bind(bound, true)?);
+    }
+    Ok(sockets)
+}
+
 /// Everything one UDP listener task needs.
 pub struct UdpLoop {
     pub name: Arc<str>,
     pub shared: Arc<Shared>,
     pub socket: std::net::UdpSocket,
+    /// Tasks (sockets) of this listener; each tracks its share of `max_flows`.
+    pub tasks: usize,
     /// Fires at shutdown: start no new flows; the task ends once the last flow has.
     pub stop: CancellationToken,
     /// Fires when the shutdown grace period ends: every flow ends now.
@@ -153,7 +175,7 @@ impl UdpLoop {
             table: FlowTable::new(
                 udp.idle_timeout.as_millis() as u64,
                 udp.responses,
-                udp.max_flows,
+                udp.max_flows.div_ceil(self.tasks.max(1)),
             ),
             registry,
             metrics: self.shared.metrics.udp(&self.name),
@@ -447,15 +469,18 @@ impl Flows {
             let n = match received {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    if e.raw_os_error() == Some(libc::ECONNREFUSED) {
-                        self.refused(id, now);
-                    } else {
-                        debug!(listener = %self.name, client = %client, error = %e, "udp receive from backend failed");
-                    }
+                    // ECONNREFUSED is ICMP port unreachable; host or network unreachable
+                    // and the like arrive the same way. Reading the error clears it.
+                    debug!(listener = %self.name, client = %client, error = %e, "udp backend error");
+                    self.refused(id, now);
                     return;
                 }
             };
+            if n > 0 {
+                self.first_reply(id);
+            }
             let mut group: [&[u8]; MAX_BATCH] = [&[]; MAX_BATCH];
             let mut len = 0;
             let mut ended = false;
@@ -520,6 +545,17 @@ impl Flows {
         if let Some(flow) = self.table.get_mut(id) {
             flow.datagrams_to_client += sent as u64;
             flow.bytes_to_client += bytes_sent;
+        }
+    }
+
+    /// A flow's first reply shows its backend works: its failure count starts again.
+    fn first_reply(&self, id: FlowId) {
+        if let Some(flow) = self.table.get(id) {
+            if flow.datagrams_to_client == 0 {
+                flow.route.pool.backends[flow.backend]
+                    .state
+                    .record_connect_success();
+            }
         }
     }
 
