@@ -1,20 +1,20 @@
 #!/usr/bin/env bash
 # UDP DNS forwarding compared: queries per second, p99 latency and proxy CPU per query
 # through Switchyard (batched and unbatched syscalls), dnsdist, nginx `stream` UDP, and
-# direct to the backend. dnsperf sends `test.example A` to each; every path ends at the same
+# direct to the backend; plus Switchyard with two workers (reuse_port, two sockets) for scale. dnsperf sends `test.example A` to each; every path ends at the same
 # backend (dnsmasq answering from its --address table). Each proxy gets one worker.
 #
-#   benches/udp_compare.sh                 # about 3-4 minutes; prints a markdown table
-#   DURATION=30 ROUNDS=2 benches/udp_compare.sh
+#   benches/udp_compare.sh                 # about 4-5 minutes; prints a markdown table
+#   DURATION=30 ROUNDS=3 benches/udp_compare.sh
 #
 # Installs what it lacks with apt-get (as root), builds Switchyard in release mode, binds only
 # 127.0.0.1, stops every process it started by PID, and removes its temp dir.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DURATION=${DURATION:-15}      # seconds measured per run
+DURATION=${DURATION:-10}      # seconds measured per run
 WARMUP=${WARMUP:-2}           # seconds sent before measuring (flows, caches)
-ROUNDS=${ROUNDS:-1}           # runs per target, alternating targets; the best is reported
+ROUNDS=${ROUNDS:-2}           # runs per target, alternating targets; the best is reported
 CLIENTS=${CLIENTS:-8}         # dnsperf clients (source ports, so flows)
 OUTSTANDING=${OUTSTANDING:-200}
 
@@ -59,8 +59,11 @@ stop() { # PID: stops one process started here
   wait "$1" 2>/dev/null || true
 }
 
-wait_dns() { # PORT: until test.example resolves through it (10s at most)
+wait_dns() { # PORT [PID]: until test.example resolves through it (10s at most)
   for _ in $(seq 50); do
+    if [ -n "${2:-}" ] && ! kill -0 "$2" 2>/dev/null; then
+      log "process $2 exited"; return 1
+    fi
     if [ "$(dig @127.0.0.1 -p "$1" test.example +short +tries=1 +time=1 2>/dev/null)" = 10.1.2.3 ]; then
       return 0
     fi
@@ -82,7 +85,7 @@ for _ in 1 2 3 4 5; do
     --conf-file=/dev/null --pid-file= --user=root --cache-size=0 2>"$WORK/dnsmasq.log" &
   BACKEND_PID=$!
   PIDS+=("$BACKEND_PID")
-  if wait_dns "$BACKEND_PORT"; then break; fi
+  if wait_dns "$BACKEND_PORT" "$BACKEND_PID"; then break; fi
   log "dnsmasq: $(cat "$WORK/dnsmasq.log")"
   stop "$BACKEND_PID"
   BACKEND_PID=
@@ -90,14 +93,16 @@ done
 [ -n "$BACKEND_PID" ] || { log "the dnsmasq backend did not start"; exit 1; }
 
 # --- proxies -------------------------------------------------------------------------
-start_switchyard() { # PORT BATCH (in the background: $! is its PID)
+start_switchyard() { # PORT BATCH WORKERS (in the background: $! is its PID)
   cat > "$WORK/switchyard-$2.yaml" <<EOF
-global: {worker_threads: 1}
+global: {worker_threads: $3}
 listeners:
   - name: dns
     bind: 127.0.0.1:$1
     protocol: udp
     pool: dns
+    reuse_port: $([ "$3" -gt 1 ] && echo true || echo false)
+    $([ "$3" -gt 1 ] && echo "accept_tasks: $3")
     udp: {idle_timeout: 5s, responses: 1, max_flows: 100000, batch: $2}
 pools:
   - name: dns
@@ -171,20 +176,21 @@ run_target() { # NAME
   port=$(free_port)
   case $1 in
     direct) measure direct "$BACKEND_PORT" -; return ;;
-    switchyard) start_switchyard "$port" 32 ;;
-    switchyard-batch1) start_switchyard "$port" 1 ;;
+    switchyard) start_switchyard "$port" 32 1 ;;
+    switchyard-batch1) start_switchyard "$port" 1 1 ;;
+    switchyard-2workers) start_switchyard "$port" 32 2 ;;
     dnsdist) start_dnsdist "$port" ;;
     nginx) start_nginx "$port" ;;
   esac
   pid=$!
   PIDS+=("$pid")
-  if wait_dns "$port"; then
+  if wait_dns "$port" "$pid"; then
     measure "$1" "$port" "$pid"
   fi
   stop "$pid"
 }
 
-TARGETS=(direct switchyard switchyard-batch1 dnsdist nginx)
+TARGETS=(direct switchyard switchyard-batch1 dnsdist nginx switchyard-2workers)
 for round in $(seq "$ROUNDS"); do
   for t in "${TARGETS[@]}"; do
     log "round $round: $t"

@@ -13,14 +13,17 @@
 //! backend on its next datagram, and an ICMP port unreachable (ECONNREFUSED on the connected
 //! socket) counts as a passive failure on the backend's breaker.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use tokio::io::unix::AsyncFdReadyGuard;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
@@ -33,7 +36,7 @@ use crate::conn::hash_key;
 use crate::metrics::UdpMetrics;
 use crate::state::{Route, Shared};
 use crate::udp::flow::{FlowId, FlowTable, InsertError, ReplyVerdict};
-use crate::udp::sys::{self, RecvBuffers, MAX_BATCH};
+use crate::udp::sys::{self, EpollSet, RecvBuffers, MAX_BATCH};
 use crate::udp::{DropReason, FlowEnd};
 
 /// Socket buffers asked for the listener socket: room for bursts from many clients.
@@ -102,6 +105,15 @@ struct Flow {
     bytes_to_client: u64,
     /// The backend answered with ICMP port unreachable: move on the next datagram.
     refused: bool,
+}
+
+/// What woke the listener task.
+enum Wake<'a> {
+    Close,
+    Stop,
+    Tick,
+    Clients(io::Result<()>),
+    Replies(io::Result<AsyncFdReadyGuard<'a, EpollSet>>),
 }
 
 /// Counts gathered over one batch, added to the shared counters once per batch.
@@ -190,26 +202,57 @@ impl UdpLoop {
         let mut ticker = tokio::time::interval(tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
+        // One poll function over everything the task waits for: each source keeps a single
+        // registered waker (no waiter list to join and leave per wake-up), and the two
+        // sockets take turns going first so neither starves the other.
+        let closed = self.close_all.cancelled();
+        let stopping = self.stop.cancelled();
+        tokio::pin!(closed, stopping);
+        let mut replies_first = false;
         loop {
-            tokio::select! {
-                () = self.close_all.cancelled() => break,
-                () = self.stop.cancelled(), if !flows.draining => {
+            replies_first = !replies_first;
+            let draining = flows.draining;
+            let wake = std::future::poll_fn(|cx| {
+                if closed.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Wake::Close);
+                }
+                if !draining && stopping.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Wake::Stop);
+                }
+                if ticker.poll_tick(cx).is_ready() {
+                    return Poll::Ready(Wake::Tick);
+                }
+                for replies in [replies_first, !replies_first] {
+                    if replies {
+                        if let Poll::Ready(r) = epoll.poll_read_ready(cx) {
+                            return Poll::Ready(Wake::Replies(r));
+                        }
+                    } else if let Poll::Ready(r) = socket.poll_recv_ready(cx) {
+                        return Poll::Ready(Wake::Clients(r));
+                    }
+                }
+                Poll::Pending
+            })
+            .await;
+            match wake {
+                Wake::Close => break,
+                Wake::Stop => {
                     flows.draining = true;
                     if flows.table.is_empty() {
                         break;
                     }
                 }
-                ready = socket.readable() => {
+                Wake::Clients(ready) => {
                     ready?;
                     flows.client_datagrams(&socket, &mut client_bufs);
                 }
-                ready = epoll.readable() => {
+                Wake::Replies(ready) => {
                     let mut guard = ready?;
                     if flows.backend_replies(socket.as_fd(), &mut events, &mut reply_bufs) {
                         guard.clear_ready();
                     }
                 }
-                _ = ticker.tick() => {
+                Wake::Tick => {
                     flows.expire(clock::now_ms());
                     if flows.draining && flows.table.is_empty() {
                         break;
