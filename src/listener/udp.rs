@@ -291,13 +291,13 @@ impl Flows {
         }
     }
 
+    /// Forwards a batch of client datagrams: each flow's datagrams, in order, go out in one
+    /// sendmmsg (clients interleave in a batch, so grouping only neighbours would not do).
     fn forward_batch(&mut self, bufs: &RecvBuffers, n: usize) {
         let now = clock::now_ms();
-        let mut group: [&[u8]; MAX_BATCH] = [&[]; MAX_BATCH];
-        let mut len = 0;
-        let mut current: Option<FlowId> = None;
-        for i in 0..n {
-            let (bytes, meta) = bufs.get(i);
+        let mut ids: [Option<FlowId>; MAX_BATCH] = [None; MAX_BATCH];
+        for (i, slot) in ids.iter_mut().enumerate().take(n) {
+            let (_, meta) = bufs.get(i);
             if meta.truncated {
                 self.tally.drop(DropReason::Truncated, 1);
                 continue;
@@ -305,26 +305,28 @@ impl Flows {
             let Some(client) = meta.from else {
                 continue;
             };
-            let id = match self.flow_for(client, now) {
-                Ok(id) => id,
-                Err(reason) => {
-                    self.tally.drop(reason, 1);
-                    continue;
+            match self.flow_for(client, now) {
+                Ok(id) => {
+                    self.table.on_request(id, now);
+                    *slot = Some(id);
                 }
-            };
-            if current != Some(id) {
-                if let Some(prev) = current {
-                    self.send_upstream(prev, &group[..len], now);
-                }
-                current = Some(id);
-                len = 0;
+                Err(reason) => self.tally.drop(reason, 1),
             }
-            self.table.on_request(id, now);
-            group[len] = bytes;
-            len += 1;
         }
-        if let Some(prev) = current {
-            self.send_upstream(prev, &group[..len], now);
+        let mut group: [&[u8]; MAX_BATCH] = [&[]; MAX_BATCH];
+        for i in 0..n {
+            let Some(id) = ids[i] else {
+                continue;
+            };
+            let mut len = 0;
+            for (j, other) in ids.iter_mut().enumerate().take(n).skip(i) {
+                if *other == Some(id) {
+                    group[len] = bufs.get(j).0;
+                    len += 1;
+                    *other = None;
+                }
+            }
+            self.send_upstream(id, &group[..len], now);
         }
     }
 
@@ -438,6 +440,8 @@ impl Flows {
     /// Sends one flow's datagrams to its backend.
     fn send_upstream(&mut self, id: FlowId, msgs: &[&[u8]], now: u64) {
         let Some(flow) = self.table.get_mut(id) else {
+            // Replaced later in the same batch (its backend went down meanwhile).
+            self.tally.drop(DropReason::SendError, msgs.len() as u64);
             return;
         };
         let mut sent = 0;
