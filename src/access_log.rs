@@ -18,7 +18,6 @@ use tracing::{info, warn};
 
 use crate::backend::{BackendAddr, ClientAddr};
 use crate::config::{AccessLogConfig, AccessLogFormat, AccessLogTarget};
-use crate::conn::CloseReason;
 use crate::metrics::OpsMetrics;
 use crate::route::Refusal;
 
@@ -39,7 +38,9 @@ pub struct Record {
     pub bytes_from_client: u64,
     pub bytes_to_client: u64,
     pub duration: Duration,
-    pub reason: CloseReason,
+    /// Why it ended: a TCP close reason (`CloseReason::as_str`) or a UDP flow end
+    /// (`FlowEnd::as_str`).
+    pub reason: &'static str,
     /// Why the routing step refused it (reason `refused`): ACL, PROXY header, ClientHello.
     pub refused: Option<Refusal>,
 }
@@ -231,7 +232,7 @@ impl<'a> From<&'a Record> for JsonRecord<'a> {
             bytes_from_client: r.bytes_from_client,
             bytes_to_client: r.bytes_to_client,
             duration_ms: (r.duration.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0,
-            reason: r.reason.as_str(),
+            reason: r.reason,
             refused: r.refused.map(Refusal::as_str),
         }
     }
@@ -255,7 +256,7 @@ fn text_line(r: &Record) -> String {
         r.bytes_from_client,
         r.bytes_to_client,
         r.duration.as_secs_f64() * 1000.0,
-        r.reason.as_str(),
+        r.reason,
         r.refused.map_or("-", Refusal::as_str),
     )
 }
@@ -274,6 +275,7 @@ fn quote(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conn::CloseReason;
     use crate::metrics::Metrics;
 
     fn record(n: u64) -> Record {
@@ -290,7 +292,7 @@ mod tests {
             bytes_from_client: n,
             bytes_to_client: 90211,
             duration: Duration::from_millis(5312),
-            reason: CloseReason::ClientClosed,
+            reason: CloseReason::ClientClosed.as_str(),
             refused: None,
         }
     }
@@ -341,7 +343,7 @@ mod tests {
         let refused = Record {
             backend: None,
             sni: Some(Box::from("other.example.com")),
-            reason: CloseReason::Refused,
+            reason: CloseReason::Refused.as_str(),
             refused: Some(Refusal::NoRoute),
             ..r
         };

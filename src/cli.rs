@@ -10,7 +10,7 @@ use switchyard::config::{self, Config};
 use switchyard::log::LogFormat;
 
 #[derive(Debug, Parser)]
-#[command(name = "switchyard", version, about = "L4 (TCP) load balancer")]
+#[command(name = "switchyard", version, about = "L4 (TCP and UDP) load balancer")]
 pub struct Cli {
     /// Config file (YAML).
     #[arg(short, long, global = true, value_name = "FILE")]
@@ -77,6 +77,25 @@ pub fn summary(config: &Config) -> String {
     );
     let _ = writeln!(out, "listeners:");
     for l in &config.listeners {
+        if l.protocol == config::Protocol::Udp {
+            let u = &l.udp;
+            let _ = writeln!(
+                out,
+                "  {:<16} {:<24} -> pool {} (udp, idle_timeout {}, responses {}, max_flows {}{})",
+                l.name,
+                l.bind.to_string(),
+                l.pool,
+                humantime::format_duration(u.idle_timeout),
+                u.responses.map_or("-".to_string(), |n| n.to_string()),
+                u.max_flows,
+                if l.reuse_port {
+                    format!(", reuse_port x{}", l.accept_tasks)
+                } else {
+                    String::new()
+                }
+            );
+            continue;
+        }
         let _ = writeln!(
             out,
             "  {:<16} {:<24} -> {} (max_connections {}, idle_timeout {}{})",

@@ -143,7 +143,7 @@ pub async fn serve(
                 bytes_from_client: 0,
                 bytes_to_client: 0,
                 duration: started.elapsed(),
-                reason: CloseReason::Refused,
+                reason: CloseReason::Refused.as_str(),
                 refused: Some(refusal),
             });
             return;
@@ -236,7 +236,7 @@ pub async fn serve(
         bytes_from_client: bytes.0,
         bytes_to_client: bytes.1,
         duration: started.elapsed(),
-        reason,
+        reason: reason.as_str(),
         refused: None,
     });
 }
@@ -265,7 +265,8 @@ fn log_close(
     );
 }
 
-fn hash_key(kind: HashKey, client: ClientAddr, sni: Option<&str>) -> u64 {
+/// The key a Maglev pool hashes for this client (shared with UDP flows, which have no SNI).
+pub fn hash_key(kind: HashKey, client: ClientAddr, sni: Option<&str>) -> u64 {
     if let (HashKey::Sni, Some(name)) = (kind, sni) {
         return hash64(name.as_bytes());
     }

@@ -1,4 +1,4 @@
-//! Switchyard: an L4 (TCP) connection-forwarding load balancer.
+//! Switchyard: an L4 (TCP and UDP) load balancer.
 //!
 //! The library drives everything; the `switchyard` binary is a thin CLI over [`Server`].
 //! Module map: `config` (file → validated config), `state` (snapshot + live backend state),
@@ -8,7 +8,9 @@
 //! checks and the database-role state machine), `control` (reload, admin changes), `admin`
 //! (HTTP: metrics, status page, admin API), `access_log`, `upgrade` (socket hand-over to a
 //! new binary), `route` (PROXY header, ACL, TLS passthrough by SNI before the balancer) over
-//! the pure parsers `acl`, `proxy_protocol` and `tls`.
+//! the pure parsers `acl`, `proxy_protocol` and `tls`,
+//! `udp` (flow table and batched datagram syscalls; `udp::sys` is the one module allowed
+//! `unsafe` besides the socket hand-over in `upgrade`).
 
 pub mod access_log;
 pub mod acl;
@@ -32,6 +34,7 @@ pub mod route;
 pub mod server;
 pub mod state;
 pub mod tls;
+pub mod udp;
 pub mod upgrade;
 
 pub use config::Config;

@@ -10,6 +10,7 @@ use prometheus::{
 
 use crate::conn::CloseReason;
 use crate::route::Refusal;
+use crate::udp::{DropReason, FlowEnd};
 
 pub mod names {
     pub const LISTENER_CONNECTIONS_ACCEPTED: &str =
@@ -50,6 +51,15 @@ pub mod names {
     pub const PROCESS_OPEN_FDS: &str = "process_open_fds";
     pub const PROCESS_MAX_FDS: &str = "process_max_fds";
     pub const PROCESS_START_TIME: &str = "process_start_time_seconds";
+    pub const UDP_FLOWS_ACTIVE: &str = "switchyard_udp_flows_active";
+    pub const UDP_FLOWS_CREATED: &str = "switchyard_udp_flows_created_total";
+    pub const UDP_FLOWS_EXPIRED: &str = "switchyard_udp_flows_expired_total";
+    pub const UDP_DATAGRAMS_FROM_CLIENTS: &str = "switchyard_udp_datagrams_from_clients_total";
+    pub const UDP_DATAGRAMS_TO_CLIENTS: &str = "switchyard_udp_datagrams_to_clients_total";
+    pub const UDP_BYTES_FROM_CLIENTS: &str = "switchyard_udp_bytes_from_clients_total";
+    pub const UDP_BYTES_TO_CLIENTS: &str = "switchyard_udp_bytes_to_clients_total";
+    pub const UDP_DATAGRAMS_DROPPED: &str = "switchyard_udp_datagrams_dropped_total";
+    pub const BACKEND_UDP_UNREACHABLE: &str = "switchyard_backend_udp_unreachable_total";
 
     /// 1 for the reason of a down backend, 0 for the other reasons (all 0 when not down).
     pub const BACKEND_DOWN_REASON: &str = "switchyard_backend_down_reason";
@@ -100,6 +110,15 @@ pub mod names {
         PROCESS_OPEN_FDS,
         PROCESS_MAX_FDS,
         PROCESS_START_TIME,
+        UDP_FLOWS_ACTIVE,
+        UDP_FLOWS_CREATED,
+        UDP_FLOWS_EXPIRED,
+        UDP_DATAGRAMS_FROM_CLIENTS,
+        UDP_DATAGRAMS_TO_CLIENTS,
+        UDP_BYTES_FROM_CLIENTS,
+        UDP_BYTES_TO_CLIENTS,
+        UDP_DATAGRAMS_DROPPED,
+        BACKEND_UDP_UNREACHABLE,
     ];
 }
 
@@ -126,6 +145,7 @@ pub struct Metrics {
     backend_state_changes: IntCounterVec,
     pool_split_brain: IntCounterVec,
     pool_fallback: IntCounterVec,
+    udp: UdpFamilies,
     /// Handles for the operations side: reloads, access log, admin API.
     pub ops: OpsMetrics,
 }
@@ -178,6 +198,8 @@ pub struct BackendMetrics {
     pub bytes_to_clients: IntCounter,
     /// The state change the opening breaker makes (down, passive), in the shared count.
     pub passive_down: IntCounter,
+    /// ICMP port unreachable seen on a UDP flow to this backend.
+    pub udp_unreachable: IntCounter,
 }
 
 /// Handles for one pool.
@@ -451,6 +473,7 @@ impl Metrics {
                 "Connects retried on another backend.",
                 &["pool"],
             ),
+            udp: UdpFamilies::new(&registry),
             registry,
         }
     }
@@ -495,6 +518,7 @@ impl Metrics {
                 crate::backend::Health::Down.as_str(),
                 crate::backend::DownReason::Passive.as_str(),
             ]),
+            udp_unreachable: self.udp.backend_unreachable.with_label_values(l),
         }
     }
 
@@ -522,6 +546,28 @@ impl Metrics {
         self.pool_split_brain.with_label_values(&[pool])
     }
 
+    /// Handles for one UDP listener.
+    pub fn udp(&self, listener: &str) -> UdpMetrics {
+        let u = &self.udp;
+        let l = &[listener];
+        UdpMetrics {
+            flows_active: u.flows_active.with_label_values(l),
+            flows_created: u.flows_created.with_label_values(l),
+            flows_expired: FlowEnd::ALL
+                .iter()
+                .map(|r| u.flows_expired.with_label_values(&[listener, r.as_str()]))
+                .collect(),
+            datagrams_from_clients: u.datagrams_from_clients.with_label_values(l),
+            datagrams_to_clients: u.datagrams_to_clients.with_label_values(l),
+            bytes_from_clients: u.bytes_from_clients.with_label_values(l),
+            bytes_to_clients: u.bytes_to_clients.with_label_values(l),
+            dropped: DropReason::ALL
+                .iter()
+                .map(|r| u.dropped.with_label_values(&[listener, r.as_str()]))
+                .collect(),
+        }
+    }
+
     /// Prometheus text exposition of everything registered.
     pub fn encode_text(&self) -> String {
         use prometheus::Encoder;
@@ -531,5 +577,103 @@ impl Metrics {
         // is skipped rather than failing the scrape.
         let _ = encoder.encode(&self.registry.gather(), &mut out);
         String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+/// Handles for one UDP listener.
+#[derive(Debug, Clone)]
+pub struct UdpMetrics {
+    pub flows_active: IntGauge,
+    pub flows_created: IntCounter,
+    flows_expired: Vec<IntCounter>,
+    pub datagrams_from_clients: IntCounter,
+    pub datagrams_to_clients: IntCounter,
+    pub bytes_from_clients: IntCounter,
+    pub bytes_to_clients: IntCounter,
+    dropped: Vec<IntCounter>,
+}
+
+impl UdpMetrics {
+    pub fn flows_expired(&self, reason: FlowEnd) -> &IntCounter {
+        &self.flows_expired[reason as usize]
+    }
+
+    pub fn dropped(&self, reason: DropReason) -> &IntCounter {
+        &self.dropped[reason as usize]
+    }
+}
+
+/// The UDP metric families.
+#[derive(Debug, Clone)]
+struct UdpFamilies {
+    flows_active: IntGaugeVec,
+    flows_created: IntCounterVec,
+    flows_expired: IntCounterVec,
+    datagrams_from_clients: IntCounterVec,
+    datagrams_to_clients: IntCounterVec,
+    bytes_from_clients: IntCounterVec,
+    bytes_to_clients: IntCounterVec,
+    dropped: IntCounterVec,
+    backend_unreachable: IntCounterVec,
+}
+
+impl UdpFamilies {
+    fn new(registry: &Registry) -> UdpFamilies {
+        use names::*;
+        let flows_active = IntGaugeVec::new(
+            Opts::new(UDP_FLOWS_ACTIVE, "UDP flows currently tracked."),
+            &["listener"],
+        )
+        .unwrap_or_else(|e| panic!("metric {UDP_FLOWS_ACTIVE}: {e}"));
+        registry
+            .register(Box::new(flows_active.clone()))
+            .unwrap_or_else(|e| panic!("register {UDP_FLOWS_ACTIVE}: {e}"));
+        let listener = &["listener"];
+        UdpFamilies {
+            flows_active,
+            flows_created: counter_vec(registry, UDP_FLOWS_CREATED, "UDP flows started.", listener),
+            flows_expired: counter_vec(
+                registry,
+                UDP_FLOWS_EXPIRED,
+                "UDP flows forgotten, by reason.",
+                &["listener", "reason"],
+            ),
+            datagrams_from_clients: counter_vec(
+                registry,
+                UDP_DATAGRAMS_FROM_CLIENTS,
+                "Datagrams received from clients and sent to a backend.",
+                listener,
+            ),
+            datagrams_to_clients: counter_vec(
+                registry,
+                UDP_DATAGRAMS_TO_CLIENTS,
+                "Datagrams received from backends and sent to clients.",
+                listener,
+            ),
+            bytes_from_clients: counter_vec(
+                registry,
+                UDP_BYTES_FROM_CLIENTS,
+                "Payload bytes of datagrams sent from clients to backends.",
+                listener,
+            ),
+            bytes_to_clients: counter_vec(
+                registry,
+                UDP_BYTES_TO_CLIENTS,
+                "Payload bytes of datagrams sent from backends to clients.",
+                listener,
+            ),
+            dropped: counter_vec(
+                registry,
+                UDP_DATAGRAMS_DROPPED,
+                "Datagrams not forwarded, by reason.",
+                &["listener", "reason"],
+            ),
+            backend_unreachable: counter_vec(
+                registry,
+                BACKEND_UDP_UNREACHABLE,
+                "ICMP port unreachable received from a backend on a UDP flow (a passive failure).",
+                &["pool", "backend"],
+            ),
+        }
     }
 }

@@ -1,5 +1,5 @@
-//! A running balancer: binds every listener (and the admin server), spawns accept tasks and
-//! connections, and shuts down gracefully (stop accepting, let connections finish for
+//! A running balancer: binds every listener (and the admin server), spawns accept tasks,
+//! connections and UDP flow loops, and shuts down gracefully (stop accepting, let connections finish for
 //! `shutdown_grace`, then close them). Reloads and admin changes go through [`Control`].
 //! `main`, the tests, the benches and the demo all drive this same type.
 
@@ -16,8 +16,9 @@ use tracing::{info, warn};
 
 use crate::access_log::AccessLog;
 use crate::config::Config;
+use crate::config::Protocol;
 use crate::control::Control;
-use crate::listener::set::{Bound, ListenerSet};
+use crate::listener::set::{Bound, ListenerSet, UdpBound};
 use crate::metrics::Metrics;
 use crate::state::Shared;
 use crate::upgrade;
@@ -26,6 +27,7 @@ use crate::upgrade;
 pub struct Server {
     shared: Arc<Shared>,
     bound: Vec<Bound>,
+    udp_bound: Vec<UdpBound>,
     local_addrs: HashMap<String, SocketAddr>,
     admin: Option<std::net::TcpListener>,
     config_path: Option<PathBuf>,
@@ -50,7 +52,15 @@ impl Server {
     ) -> anyhow::Result<Server> {
         let mut bound = Vec::with_capacity(config.listeners.len());
         let mut local_addrs = HashMap::new();
+        let mut udp_bound = Vec::new();
         for l in &config.listeners {
+            if l.protocol == Protocol::Udp {
+                // UDP sockets are bound anew, also on upgrade (see README, "Upgrades").
+                let b = UdpBound::bind(l)?;
+                local_addrs.insert(l.name.clone(), b.local);
+                udp_bound.push(b);
+                continue;
+            }
             let b = match takeover.as_mut().and_then(|t| t.take_listener(l)) {
                 Some(sockets) => Bound::from_sockets(l, sockets)?,
                 None => Bound::bind(l)?,
@@ -73,6 +83,7 @@ impl Server {
         Ok(Server {
             shared: Shared::new(config, metrics),
             bound,
+            udp_bound,
             local_addrs,
             admin,
             config_path: None,
@@ -138,6 +149,9 @@ impl Server {
                     continue;
                 };
                 set.start(bound, route.config.max_connections)?;
+            }
+            for bound in self.udp_bound.drain(..) {
+                set.start_udp(bound);
             }
             control.refresh_addrs(&set);
         }

@@ -41,7 +41,11 @@ fn check_accepts_the_example_config_and_prints_a_summary() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        stdout.contains("configuration is valid (4 listeners, 3 pools, 7 backends)"),
+        stdout.contains("configuration is valid (5 listeners, 4 pools, 9 backends)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("-> pool dns (udp, idle_timeout 30s, responses 1, max_flows 100000)"),
         "{stdout}"
     );
     assert!(stdout.contains("127.0.0.1:8002 weight 2"), "{stdout}");

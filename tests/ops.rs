@@ -135,6 +135,11 @@ async fn metrics_export_exactly_the_names_in_metrics_rs() {
         "  - name: p\n",
         "  - name: p\n    health_check: { type: tcp, interval: 100ms, timeout: 100ms, initial_state: up }\n",
     );
+    // And a UDP listener, so the flow families are exported too.
+    let yaml = yaml.replace(
+        "pools:\n",
+        "  - name: u\n    bind: 127.0.0.1:0\n    protocol: udp\n    pool: p\npools:\n",
+    );
     let lb = Balancer::start(&yaml).await;
     wait_for("first health check", || {
         lb.shared

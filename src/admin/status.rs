@@ -298,7 +298,10 @@ fn listener_status(route: &Route, control: &Control) -> ListenerStatus {
         .collect();
     ListenerStatus {
         name: route.config.name.clone(),
-        protocol: "tcp",
+        protocol: match route.config.protocol {
+            crate::config::Protocol::Tcp => "tcp",
+            crate::config::Protocol::Udp => "udp",
+        },
         bind: route.config.bind.to_string(),
         local_addr: info.map(|i| i.local.to_string()),
         sockets: info.map_or(0, |i| i.sockets),

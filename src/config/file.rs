@@ -8,7 +8,7 @@ use serde::{Deserialize, Deserializer};
 
 use crate::balance::Algorithm;
 
-use super::HashKey;
+use super::{HashKey, Protocol};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -80,6 +80,18 @@ pub struct ListenerSection {
     pub allow: Vec<String>,
     #[serde(default)]
     pub deny: Vec<String>,
+    pub protocol: Option<Protocol>,
+    pub udp: Option<UdpSection>,
+}
+
+/// Settings of a `protocol: udp` listener.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UdpSection {
+    pub idle_timeout: Option<ConfigDuration>,
+    pub responses: Option<u32>,
+    pub max_flows: Option<usize>,
+    pub batch: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -9,6 +9,7 @@ pub mod health;
 mod locate;
 mod ops;
 mod tls;
+mod udp;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -22,6 +23,7 @@ pub use file::ConfigDuration;
 pub use health::{CheckKind, HealthCheckConfig, OnBackendDown};
 pub use ops::{AccessLogConfig, AccessLogFormat, AccessLogTarget, AdminConfig, AdminToken};
 pub use tls::{AcceptProxy, ProxyProtocolMode, SniPattern, SniRoute, TlsPassthrough};
+pub use udp::{Protocol, UdpConfig};
 
 use crate::balance::{self, Algorithm};
 use file::{BackendSection, ConfigFile, DefaultsSection, ListenerSection, PoolSection};
@@ -89,6 +91,10 @@ pub struct ListenerConfig {
     pub accept_proxy_protocol: Option<AcceptProxy>,
     /// Source ACL (`allow`, `deny`); empty allows everyone.
     pub acl: crate::acl::Acl,
+    /// `tcp` (the default) or `udp`.
+    pub protocol: Protocol,
+    /// Flow settings; used only when `protocol` is `udp` (defaults otherwise).
+    pub udp: UdpConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -268,7 +274,7 @@ fn validate(file: ConfigFile, ctx: &Ctx<'_>) -> Result<Config, ConfigError> {
         }
         if let Some(other) = listeners
             .iter()
-            .find(|l| binds_conflict(l.bind, listener.bind))
+            .find(|l| l.protocol == listener.protocol && binds_conflict(l.bind, listener.bind))
         {
             return Err(ctx.error(
                 &format!("{path}.bind"),
@@ -299,7 +305,29 @@ fn validate_listener(
     ctx: &Ctx<'_>,
 ) -> Result<ListenerConfig, ConfigError> {
     let bind = parse_addr(&s.bind, &format!("{path}.bind"), ctx)?;
+    let (protocol, udp) = udp::validate(&s, path, ctx)?;
     let extras = tls::validate_listener(&mut s, path, ctx)?;
+    if protocol == Protocol::Udp {
+        let tcp_only = [
+            ("tls_passthrough", extras.tls_passthrough.is_some()),
+            (
+                "proxy_protocol",
+                extras.proxy_protocol != ProxyProtocolMode::None,
+            ),
+            (
+                "accept_proxy_protocol",
+                extras.accept_proxy_protocol.is_some(),
+            ),
+            ("allow", !s.allow.is_empty()),
+            ("deny", !s.deny.is_empty()),
+        ];
+        if let Some((key, _)) = tcp_only.iter().find(|(_, set)| *set) {
+            return Err(ctx.error(
+                &format!("{path}.{key}"),
+                format!("{key} applies to tcp listeners only (this one has protocol: udp)"),
+            ));
+        }
+    }
     let max_connections = s
         .max_connections
         .or(defaults.max_connections)
@@ -340,6 +368,8 @@ fn validate_listener(
         proxy_protocol: extras.proxy_protocol,
         accept_proxy_protocol: extras.accept_proxy_protocol,
         acl: extras.acl,
+        protocol,
+        udp,
     })
 }
 

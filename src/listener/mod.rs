@@ -1,5 +1,7 @@
-//! Listeners: bind sockets and accept connections (`tcp`), and the running set of them
-//! that reloads change (`set`). TCP only for now; the UDP flow listener joins as `udp`.
+//! Listeners: bind sockets and take in clients. `tcp` accepts connections; `udp` receives
+//! datagrams and keeps a flow per client address; `set` is the running set of listeners
+//! that reloads change.
 
 pub mod set;
 pub mod tcp;
+pub mod udp;

@@ -1,8 +1,10 @@
-//! The running TCP listeners, by name, and how a reload changes them. A listener whose bind
+//! The running listeners, by name, and how a reload changes them. A listener whose bind
 //! address is unchanged keeps its socket (and its accept queue), even when renamed; new
 //! listeners are bound before anything changes, so a bind failure leaves the running set
 //! as it was; removed listeners stop accepting and close their socket, while connections
 //! they accepted go on. Owns the accept tasks; connections belong to the shared tracker.
+//! UDP listeners are kept when their name and address are unchanged; a removed one starts
+//! no new flow and ends once its open flows have (their loops are in the shared tracker).
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -17,9 +19,10 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::access_log::AccessLog;
-use crate::config::{Config, ListenerConfig};
+use crate::config::{Config, ListenerConfig, Protocol};
 use crate::conn::ListenerCtx;
 use crate::listener::tcp::{self, AcceptLoop};
+use crate::listener::udp::{self, UdpLoop};
 use crate::state::Shared;
 
 /// Sockets of one listener, bound but not yet accepting.
@@ -62,6 +65,48 @@ impl Bound {
     }
 }
 
+/// Sockets of one UDP listener, bound but not yet receiving.
+#[derive(Debug)]
+pub struct UdpBound {
+    pub name: String,
+    pub bind: SocketAddr,
+    pub local: SocketAddr,
+    pub sockets: Vec<std::net::UdpSocket>,
+}
+
+impl UdpBound {
+    /// Binds the sockets `config` asks for; the error names the listener.
+    pub fn bind(config: &ListenerConfig) -> anyhow::Result<UdpBound> {
+        let sockets = udp::bind_all(config.bind, config.accept_tasks).with_context(|| {
+            format!(
+                "listener \"{}\": cannot bind udp {}",
+                config.name, config.bind
+            )
+        })?;
+        let local = sockets
+            .first()
+            .map(|s| s.local_addr())
+            .transpose()
+            .with_context(|| format!("listener \"{}\": local address", config.name))?
+            .with_context(|| format!("listener \"{}\": no socket", config.name))?;
+        Ok(UdpBound {
+            name: config.name.clone(),
+            bind: config.bind,
+            local,
+            sockets,
+        })
+    }
+}
+
+/// One UDP listener that is receiving.
+struct UdpRunning {
+    bind: SocketAddr,
+    local: SocketAddr,
+    sockets: usize,
+    /// Fires when the listener is removed or the balancer stops: no new flows.
+    stop: CancellationToken,
+}
+
 /// One listener that is accepting.
 struct Running {
     bind: SocketAddr,
@@ -96,6 +141,7 @@ pub struct ListenerSet {
     close_all: CancellationToken,
     access_log: AccessLog,
     running: HashMap<String, Running>,
+    udp: HashMap<String, UdpRunning>,
 }
 
 impl ListenerSet {
@@ -111,23 +157,65 @@ impl ListenerSet {
             close_all,
             access_log,
             running: HashMap::new(),
+            udp: HashMap::new(),
         }
     }
 
     /// Addresses and socket counts by listener name.
     pub fn info(&self) -> HashMap<String, ListenerInfo> {
-        self.running
-            .iter()
-            .map(|(name, r)| {
-                (
-                    name.clone(),
-                    ListenerInfo {
-                        local: r.local,
-                        sockets: r.dups.len(),
-                    },
-                )
-            })
-            .collect()
+        let tcp = self.running.iter().map(|(name, r)| {
+            (
+                name.clone(),
+                ListenerInfo {
+                    local: r.local,
+                    sockets: r.dups.len(),
+                },
+            )
+        });
+        let udp = self.udp.iter().map(|(name, r)| {
+            (
+                name.clone(),
+                ListenerInfo {
+                    local: r.local,
+                    sockets: r.sockets,
+                },
+            )
+        });
+        tcp.chain(udp).collect()
+    }
+
+    /// Starts receiving on a UDP listener's sockets, one flow loop per socket.
+    pub fn start_udp(&mut self, bound: UdpBound) {
+        let stop = CancellationToken::new();
+        let tasks = bound.sockets.len();
+        if let Some(route) = self.shared.snapshot().route(&bound.name) {
+            udp::log_listening(&bound.name, route);
+        }
+        for socket in bound.sockets {
+            // Tracked like connections: at shutdown they stop starting flows and end once
+            // their open flows have, or when the grace period is over.
+            self.tracker.spawn(
+                UdpLoop {
+                    name: Arc::from(bound.name.as_str()),
+                    shared: Arc::clone(&self.shared),
+                    socket,
+                    tasks,
+                    stop: stop.clone(),
+                    close_all: self.close_all.clone(),
+                    access_log: self.access_log.clone(),
+                }
+                .run(),
+            );
+        }
+        self.udp.insert(
+            bound.name,
+            UdpRunning {
+                bind: bound.bind,
+                local: bound.local,
+                sockets: tasks,
+                stop,
+            },
+        );
     }
 
     /// The listening sockets by listener name and configured bind address (upgrade).
@@ -227,13 +315,21 @@ impl ListenerSet {
         // 1. Match each listener to a running one: same name and address, else same address.
         let mut reuse: HashMap<String, String> = HashMap::new(); // new name -> old name
         let mut claimed: HashSet<String> = HashSet::new();
-        for l in &config.listeners {
+        for l in config
+            .listeners
+            .iter()
+            .filter(|l| l.protocol == Protocol::Tcp)
+        {
             if self.running.get(&l.name).is_some_and(|r| r.bind == l.bind) {
                 reuse.insert(l.name.clone(), l.name.clone());
                 claimed.insert(l.name.clone());
             }
         }
-        for l in &config.listeners {
+        for l in config
+            .listeners
+            .iter()
+            .filter(|l| l.protocol == Protocol::Tcp)
+        {
             if reuse.contains_key(&l.name) || l.bind.port() == 0 {
                 continue;
             }
@@ -249,7 +345,11 @@ impl ListenerSet {
         }
         // 2. Bind the new ones; any failure returns before anything changed.
         let mut fresh = Vec::new();
-        for l in &config.listeners {
+        for l in config
+            .listeners
+            .iter()
+            .filter(|l| l.protocol == Protocol::Tcp)
+        {
             if reuse.contains_key(&l.name) {
                 continue;
             }
@@ -263,6 +363,25 @@ impl ListenerSet {
                 })?);
             }
             fresh.push((l.clone(), bound.local, listeners, dups));
+        }
+        // UDP listeners are kept by name and address; the others are bound now, so a bind
+        // failure also leaves everything as it was.
+        let udp_wanted: HashMap<&str, &ListenerConfig> = config
+            .listeners
+            .iter()
+            .filter(|l| l.protocol == Protocol::Udp)
+            .map(|l| (l.name.as_str(), l))
+            .collect();
+        let udp_kept: HashSet<String> = udp_wanted
+            .values()
+            .filter(|l| self.udp.get(&l.name).is_some_and(|r| r.bind == l.bind))
+            .map(|l| l.name.clone())
+            .collect();
+        let mut udp_fresh = Vec::new();
+        for l in udp_wanted.values() {
+            if !udp_kept.contains(&l.name) {
+                udp_fresh.push(UdpBound::bind(l)?);
+            }
         }
         // 3. Renamed listeners stop accepting under their old name first (the socket stays
         //    open; new connections wait in its queue), so nothing is accepted unrouted.
@@ -286,6 +405,7 @@ impl ListenerSet {
         let listeners_by_name: HashMap<String, ListenerConfig> = config
             .listeners
             .iter()
+            .filter(|l| l.protocol == Protocol::Tcp)
             .map(|l| (l.name.clone(), l.clone()))
             .collect();
         let mut changes = Changes::default();
@@ -304,7 +424,28 @@ impl ListenerSet {
                 changes.removed.push(name);
             }
         }
+        let udp_removed: Vec<String> = self
+            .udp
+            .keys()
+            .filter(|n| !udp_kept.contains(*n))
+            .cloned()
+            .collect();
+        for name in udp_removed {
+            if let Some(r) = self.udp.remove(&name) {
+                r.stop.cancel();
+                info!(listener = %name, bind = %r.bind, "udp listener removed; no new flows, open flows go on");
+                if !udp_wanted.contains_key(name.as_str()) {
+                    changes.removed.push(name);
+                }
+            }
+        }
+        changes.kept.extend(udp_kept.iter().cloned());
+        drop(udp_wanted);
         publish(config);
+        for bound in udp_fresh {
+            changes.added.push(bound.name.clone());
+            self.start_udp(bound);
+        }
 
         for (name, bind, local, listeners, dups, limit, max) in moved {
             let want = listeners_by_name
@@ -357,6 +498,9 @@ impl ListenerSet {
     pub async fn stop_all(&mut self) {
         for (_, r) in self.running.drain() {
             drop(stop(r.stop, r.tasks).await);
+        }
+        for (_, r) in self.udp.drain() {
+            r.stop.cancel();
         }
     }
 }

@@ -121,7 +121,7 @@ impl AcceptLoop {
                                 bytes_from_client: 0,
                                 bytes_to_client: 0,
                                 duration: Duration::ZERO,
-                                reason: CloseReason::Refused,
+                                reason: CloseReason::Refused.as_str(),
                                 refused: Some(Refusal::MaxConnections),
                             });
                         }

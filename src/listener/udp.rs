@@ -1,0 +1,715 @@
+//! A UDP listener: one socket on the listener address, one task, one flow table. A client's
+//! first datagram starts a flow: the pool's balancer picks a backend and the flow gets its
+//! own upstream socket connected to it, so the kernel hands back only that backend's
+//! replies and each reply maps to one client. Replies leave through the listener's socket,
+//! so the client sees the address it sent to.
+//!
+//! Upstream sockets are not registered with the runtime one by one: they sit in an epoll
+//! set of their own, whose descriptor the runtime watches, so a single task serves every
+//! flow without waking per socket. Datagrams move in batches (`udp::sys`), grouped per
+//! flow, into buffers allocated once; a datagram costs no allocation.
+//!
+//! Health is shared with TCP: a flow whose backend is no longer available moves to another
+//! backend on its next datagram, and an ICMP port unreachable (ECONNREFUSED on the connected
+//! socket) counts as a passive failure on the backend's breaker.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use tokio::io::unix::AsyncFdReadyGuard;
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::access_log::{AccessLog, Record};
+use crate::backend::{ActiveGuard, ClientAddr};
+use crate::clock;
+use crate::config::MAX_RETRIES;
+use crate::conn::hash_key;
+use crate::metrics::UdpMetrics;
+use crate::state::{Route, Shared};
+use crate::udp::flow::{FlowId, FlowTable, InsertError, ReplyVerdict};
+use crate::udp::sys::{self, EpollSet, RecvBuffers, MAX_BATCH};
+use crate::udp::{DropReason, FlowEnd};
+
+/// Socket buffers asked for the listener socket: room for bursts from many clients.
+const LISTENER_BUFFER: usize = 4 * 1024 * 1024;
+/// Batches taken from one socket before giving the others a turn.
+const ROUNDS: usize = 8;
+
+/// Binds a listener socket (non-blocking, ready for the runtime).
+pub fn bind(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    // The kernel caps these at net.core.{r,w}mem_max; a smaller buffer still works.
+    let _ = socket.set_recv_buffer_size(LISTENER_BUFFER);
+    let _ = socket.set_send_buffer_size(LISTENER_BUFFER);
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// Binds `tasks` sockets to `addr`, all with SO_REUSEPORT: with several, the kernel keeps
+/// each client address on one socket, so each task's flow table sees all of a client's
+/// datagrams; and a new binary can bind next to the running one during an upgrade, since
+/// UDP sockets are not handed over (HAProxy sets SO_REUSEPORT by default too). With port 0,
+/// the first socket's port is used for the others.
+pub fn bind_all(addr: SocketAddr, tasks: usize) -> io::Result<Vec<std::net::UdpSocket>> {
+    let first = bind(addr, true)?;
+    let bound = first.local_addr()?;
+    let mut sockets = vec![first];
+    for _ in 1..tasks {
+        sockets.push(bind(bound, true)?);
+    }
+    Ok(sockets)
+}
+
+/// Everything one UDP listener task needs.
+pub struct UdpLoop {
+    pub name: Arc<str>,
+    pub shared: Arc<Shared>,
+    pub socket: std::net::UdpSocket,
+    /// Tasks (sockets) of this listener; each tracks its share of `max_flows`.
+    pub tasks: usize,
+    /// Fires at shutdown: start no new flows; the task ends once the last flow has.
+    pub stop: CancellationToken,
+    /// Fires when the shutdown grace period ends: every flow ends now.
+    pub close_all: CancellationToken,
+    /// One record per flow at its end, written off the data path.
+    pub access_log: AccessLog,
+}
+
+/// One client's flow.
+struct Flow {
+    upstream: Socket,
+    route: Arc<Route>,
+    backend: usize,
+    _active: ActiveGuard,
+    started: Instant,
+    datagrams_from_client: u64,
+    bytes_from_client: u64,
+    datagrams_to_client: u64,
+    bytes_to_client: u64,
+    /// The backend answered with ICMP port unreachable: move on the next datagram.
+    refused: bool,
+}
+
+/// What woke the listener task.
+enum Wake<'a> {
+    Close,
+    Stop,
+    Tick,
+    Clients(io::Result<()>),
+    Replies(io::Result<AsyncFdReadyGuard<'a, EpollSet>>),
+}
+
+/// Counts gathered over one batch, added to the shared counters once per batch.
+#[derive(Default)]
+struct Tally {
+    datagrams_from_clients: u64,
+    bytes_from_clients: u64,
+    datagrams_to_clients: u64,
+    bytes_to_clients: u64,
+    dropped: [u64; DropReason::ALL.len()],
+}
+
+impl Tally {
+    fn drop(&mut self, reason: DropReason, n: u64) {
+        self.dropped[reason as usize] += n;
+    }
+
+    fn flush(&mut self, m: &UdpMetrics) {
+        let add = |c: &prometheus::IntCounter, n: u64| {
+            if n > 0 {
+                c.inc_by(n);
+            }
+        };
+        add(&m.datagrams_from_clients, self.datagrams_from_clients);
+        add(&m.bytes_from_clients, self.bytes_from_clients);
+        add(&m.datagrams_to_clients, self.datagrams_to_clients);
+        add(&m.bytes_to_clients, self.bytes_to_clients);
+        for reason in DropReason::ALL {
+            add(m.dropped(reason), self.dropped[reason as usize]);
+        }
+        *self = Tally::default();
+    }
+}
+
+/// The flow table and what changes it (everything but the socket buffers).
+struct Flows {
+    name: Arc<str>,
+    shared: Arc<Shared>,
+    table: FlowTable<Flow>,
+    /// The epoll set of upstream sockets (a second descriptor of the one the runtime watches).
+    registry: Epoll,
+    metrics: UdpMetrics,
+    tally: Tally,
+    draining: bool,
+    last_socket_warning: Option<Instant>,
+    access_log: AccessLog,
+}
+
+impl UdpLoop {
+    pub async fn run(self) {
+        let name = Arc::clone(&self.name);
+        if let Err(e) = self.serve().await {
+            warn!(listener = %name, error = %e, "udp listener stopped");
+        }
+    }
+
+    async fn serve(self) -> io::Result<()> {
+        let socket = UdpSocket::from_std(self.socket)?;
+        let snapshot = self.shared.snapshot();
+        let Some(route) = snapshot.route(&self.name) else {
+            return Ok(());
+        };
+        let udp = route.config.udp;
+        drop(snapshot);
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io::Error::from)?;
+        // The runtime watches one descriptor of the set; flows are added through another.
+        let registry = Epoll(epoll.0.try_clone()?);
+        let epoll = sys::register_epoll(epoll)?;
+        let mut flows = Flows {
+            name: Arc::clone(&self.name),
+            shared: Arc::clone(&self.shared),
+            table: FlowTable::new(
+                udp.idle_timeout.as_millis() as u64,
+                udp.responses,
+                udp.max_flows.div_ceil(self.tasks.max(1)),
+            ),
+            registry,
+            metrics: self.shared.metrics.udp(&self.name),
+            tally: Tally::default(),
+            draining: false,
+            last_socket_warning: None,
+            access_log: self.access_log.clone(),
+        };
+        let mut client_bufs = RecvBuffers::new(udp.batch);
+        let mut reply_bufs = RecvBuffers::new(udp.batch);
+        let mut events = vec![EpollEvent::empty(); MAX_BATCH];
+        let tick = (udp.idle_timeout / 10).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let mut ticker = tokio::time::interval(tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+        // One poll function over everything the task waits for: each source keeps a single
+        // registered waker (no waiter list to join and leave per wake-up), and the two
+        // sockets take turns going first so neither starves the other.
+        let closed = self.close_all.cancelled();
+        let stopping = self.stop.cancelled();
+        tokio::pin!(closed, stopping);
+        let mut replies_first = false;
+        loop {
+            replies_first = !replies_first;
+            let draining = flows.draining;
+            let wake = std::future::poll_fn(|cx| {
+                if closed.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Wake::Close);
+                }
+                if !draining && stopping.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Wake::Stop);
+                }
+                if ticker.poll_tick(cx).is_ready() {
+                    return Poll::Ready(Wake::Tick);
+                }
+                for replies in [replies_first, !replies_first] {
+                    if replies {
+                        if let Poll::Ready(r) = epoll.poll_read_ready(cx) {
+                            return Poll::Ready(Wake::Replies(r));
+                        }
+                    } else if let Poll::Ready(r) = socket.poll_recv_ready(cx) {
+                        return Poll::Ready(Wake::Clients(r));
+                    }
+                }
+                Poll::Pending
+            })
+            .await;
+            match wake {
+                Wake::Close => break,
+                Wake::Stop => {
+                    flows.draining = true;
+                    if flows.table.is_empty() {
+                        break;
+                    }
+                }
+                Wake::Clients(ready) => {
+                    ready?;
+                    flows.client_datagrams(&socket, &mut client_bufs);
+                }
+                Wake::Replies(ready) => {
+                    let mut guard = ready?;
+                    if flows.backend_replies(socket.as_fd(), &mut events, &mut reply_bufs) {
+                        guard.clear_ready();
+                    }
+                }
+                Wake::Tick => {
+                    flows.expire(clock::now_ms());
+                    if flows.draining && flows.table.is_empty() {
+                        break;
+                    }
+                }
+            }
+            flows.tally.flush(&flows.metrics);
+        }
+        for (client, flow) in flows.table.drain() {
+            flows.end(client, flow, FlowEnd::Shutdown);
+        }
+        flows.tally.flush(&flows.metrics);
+        Ok(())
+    }
+}
+
+impl Flows {
+    /// Reads client datagrams (a few batches) and forwards each to its flow's backend.
+    fn client_datagrams(&mut self, socket: &UdpSocket, bufs: &mut RecvBuffers) {
+        for _ in 0..ROUNDS {
+            let received =
+                socket.try_io(Interest::READABLE, || sys::recv_batch(socket.as_fd(), bufs));
+            let n = match received {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    // Unconnected UDP sockets report no ICMP errors; anything here is local.
+                    debug!(listener = %self.name, error = %e, "udp receive failed");
+                    return;
+                }
+            };
+            self.forward_batch(bufs, n);
+            if n < bufs.batch() {
+                return;
+            }
+        }
+    }
+
+    /// Forwards a batch of client datagrams: each flow's datagrams, in order, go out in one
+    /// sendmmsg (clients interleave in a batch, so grouping only neighbours would not do).
+    fn forward_batch(&mut self, bufs: &RecvBuffers, n: usize) {
+        let now = clock::now_ms();
+        let mut ids: [Option<FlowId>; MAX_BATCH] = [None; MAX_BATCH];
+        for (i, slot) in ids.iter_mut().enumerate().take(n) {
+            let (_, meta) = bufs.get(i);
+            if meta.truncated {
+                self.tally.drop(DropReason::Truncated, 1);
+                continue;
+            }
+            let Some(client) = meta.from else {
+                continue;
+            };
+            match self.flow_for(client, now) {
+                Ok(id) => {
+                    self.table.on_request(id, now);
+                    *slot = Some(id);
+                }
+                Err(reason) => self.tally.drop(reason, 1),
+            }
+        }
+        let mut group: [&[u8]; MAX_BATCH] = [&[]; MAX_BATCH];
+        for i in 0..n {
+            let Some(id) = ids[i] else {
+                continue;
+            };
+            let mut len = 0;
+            for (j, other) in ids.iter_mut().enumerate().take(n).skip(i) {
+                if *other == Some(id) {
+                    group[len] = bufs.get(j).0;
+                    len += 1;
+                    *other = None;
+                }
+            }
+            self.send_upstream(id, &group[..len], now);
+        }
+    }
+
+    /// The flow for a client datagram: its current one, or a new one when it has none or
+    /// its backend is down or refused it.
+    fn flow_for(&mut self, client: SocketAddr, now: u64) -> Result<FlowId, DropReason> {
+        let mut avoid = None;
+        if let Some(id) = self.table.lookup(&client) {
+            let Some(flow) = self.table.get(id) else {
+                return Err(DropReason::NoBackend);
+            };
+            let backend = &flow.route.pool.backends[flow.backend];
+            if !flow.refused && backend.is_available(now) {
+                return Ok(id);
+            }
+            let reason = if flow.refused {
+                avoid = Some(flow.backend);
+                FlowEnd::BackendRefused
+            } else {
+                FlowEnd::BackendDown
+            };
+            if let Some((client, flow)) = self.table.remove(id) {
+                self.end(client, flow, reason);
+            }
+        }
+        self.start_flow(client, now, avoid)
+    }
+
+    fn start_flow(
+        &mut self,
+        client: SocketAddr,
+        now: u64,
+        avoid: Option<usize>,
+    ) -> Result<FlowId, DropReason> {
+        if self.draining {
+            return Err(DropReason::Shutdown);
+        }
+        if self.table.is_full() {
+            self.expire(now);
+            if self.table.is_full() {
+                return Err(DropReason::MaxFlows);
+            }
+        }
+        let snapshot = self.shared.snapshot();
+        let route = snapshot.route(&self.name).ok_or(DropReason::NoBackend)?;
+        let pool = &route.pool;
+        let key = hash_key(pool.hash_key(), ClientAddr(client), None);
+        let mut tried = [usize::MAX; MAX_RETRIES as usize + 2];
+        let mut n = 0;
+        if let Some(index) = avoid {
+            tried[0] = index;
+            n = 1;
+        }
+        let attempts = n + pool.config.retries as usize + 1;
+        while n < attempts {
+            let Some(index) = pool.balancer.pick(&pool.backends, key, &tried[..n], now) else {
+                break;
+            };
+            tried[n] = index;
+            n += 1;
+            let backend = &pool.backends[index];
+            let upstream = match upstream_socket(backend.addr.0) {
+                Ok(s) => s,
+                Err(UpstreamError::Local(e)) => {
+                    self.warn_socket(&e);
+                    return Err(DropReason::SocketError);
+                }
+                Err(UpstreamError::Connect(e)) => {
+                    debug!(pool = %pool.config.name, backend = %backend.name, error = %e, "udp connect failed");
+                    self.passive_failure(route, index, now);
+                    continue;
+                }
+            };
+            let flow = Flow {
+                upstream,
+                route: Arc::clone(route),
+                backend: index,
+                _active: backend.state.connection_opened(),
+                started: Instant::now(),
+                datagrams_from_client: 0,
+                bytes_from_client: 0,
+                datagrams_to_client: 0,
+                bytes_to_client: 0,
+                refused: false,
+            };
+            let id = match self.table.insert(client, flow, now) {
+                Ok(id) => id,
+                Err(InsertError::Full(_) | InsertError::Exists(_)) => {
+                    return Err(DropReason::MaxFlows)
+                }
+            };
+            let registered = match self.table.get(id) {
+                Some(flow) => self.registry.add(
+                    flow.upstream.as_fd(),
+                    EpollEvent::new(EpollFlags::EPOLLIN, id.to_u64()),
+                ),
+                None => Ok(()),
+            };
+            if let Err(e) = registered {
+                self.table.remove(id);
+                self.warn_socket(&io::Error::from(e));
+                return Err(DropReason::SocketError);
+            }
+            self.metrics.flows_created.inc();
+            self.metrics.flows_active.inc();
+            return Ok(id);
+        }
+        Err(DropReason::NoBackend)
+    }
+
+    /// Sends one flow's datagrams to its backend.
+    fn send_upstream(&mut self, id: FlowId, msgs: &[&[u8]], now: u64) {
+        let Some(flow) = self.table.get_mut(id) else {
+            // Replaced later in the same batch (its backend went down meanwhile).
+            self.tally.drop(DropReason::SendError, msgs.len() as u64);
+            return;
+        };
+        let mut sent = 0;
+        let mut refused = false;
+        while sent < msgs.len() {
+            match sys::send_batch(flow.upstream.as_fd(), &msgs[sent..], None) {
+                Ok(0) => break,
+                Ok(n) => {
+                    let bytes: usize = msgs[sent..sent + n].iter().map(|m| m.len()).sum();
+                    flow.datagrams_from_client += n as u64;
+                    flow.bytes_from_client += bytes as u64;
+                    self.tally.datagrams_from_clients += n as u64;
+                    self.tally.bytes_from_clients += bytes as u64;
+                    sent += n;
+                }
+                Err(e) => {
+                    refused = e.raw_os_error() == Some(libc::ECONNREFUSED);
+                    break;
+                }
+            }
+        }
+        if sent < msgs.len() {
+            self.tally
+                .drop(DropReason::SendError, (msgs.len() - sent) as u64);
+        }
+        if refused {
+            flow.refused = true;
+            let (route, backend) = (Arc::clone(&flow.route), flow.backend);
+            self.passive_failure(&route, backend, now);
+        }
+    }
+
+    /// Drains ready upstream sockets, sending replies to clients. True when nothing was left
+    /// ready (the caller then clears the epoll set's readiness).
+    fn backend_replies(
+        &mut self,
+        listener: BorrowedFd<'_>,
+        events: &mut [EpollEvent],
+        bufs: &mut RecvBuffers,
+    ) -> bool {
+        for _ in 0..ROUNDS {
+            let n = match self.registry.wait(events, EpollTimeout::ZERO) {
+                Ok(n) => n,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    warn!(listener = %self.name, error = %e, "epoll_wait failed");
+                    return true;
+                }
+            };
+            if n == 0 {
+                return true;
+            }
+            let now = clock::now_ms();
+            for event in &events[..n] {
+                self.replies(FlowId::from_u64(event.data()), listener, bufs, now);
+            }
+        }
+        false
+    }
+
+    /// Reads one flow's replies (a few batches) and sends them to its client.
+    fn replies(&mut self, id: FlowId, listener: BorrowedFd<'_>, bufs: &mut RecvBuffers, now: u64) {
+        let Some(client) = self.table.key(id) else {
+            return;
+        };
+        let to = SockAddr::from(client);
+        for _ in 0..ROUNDS {
+            let received = match self.table.get(id) {
+                Some(flow) => sys::recv_batch(flow.upstream.as_fd(), bufs),
+                None => return,
+            };
+            let n = match received {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // ECONNREFUSED is ICMP port unreachable; host or network unreachable
+                    // and the like arrive the same way. Reading the error clears it.
+                    debug!(listener = %self.name, client = %client, error = %e, "udp backend error");
+                    self.refused(id, now);
+                    return;
+                }
+            };
+            if n > 0 {
+                self.first_reply(id);
+            }
+            let mut group: [&[u8]; MAX_BATCH] = [&[]; MAX_BATCH];
+            let mut len = 0;
+            let mut ended = false;
+            for i in 0..n {
+                let (bytes, meta) = bufs.get(i);
+                if ended {
+                    self.tally.drop(DropReason::ExtraReply, 1);
+                    continue;
+                }
+                if meta.truncated {
+                    self.tally.drop(DropReason::Truncated, 1);
+                    continue;
+                }
+                match self.table.on_reply(id, now) {
+                    Some(ReplyVerdict::Forward) => {}
+                    Some(ReplyVerdict::ForwardAndEnd) => ended = true,
+                    None => return,
+                }
+                group[len] = bytes;
+                len += 1;
+            }
+            self.send_to_client(id, listener, &group[..len], &to);
+            if ended {
+                if let Some((client, flow)) = self.table.remove(id) {
+                    self.end(client, flow, FlowEnd::Responses);
+                }
+                return;
+            }
+            if n < bufs.batch() {
+                return;
+            }
+        }
+    }
+
+    fn send_to_client(
+        &mut self,
+        id: FlowId,
+        listener: BorrowedFd<'_>,
+        msgs: &[&[u8]],
+        to: &SockAddr,
+    ) {
+        let mut sent = 0;
+        let mut bytes_sent = 0;
+        while sent < msgs.len() {
+            match sys::send_batch(listener, &msgs[sent..], Some(to)) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    bytes_sent += msgs[sent..sent + n]
+                        .iter()
+                        .map(|m| m.len() as u64)
+                        .sum::<u64>();
+                    sent += n;
+                }
+            }
+        }
+        if sent < msgs.len() {
+            self.tally
+                .drop(DropReason::ClientSendError, (msgs.len() - sent) as u64);
+        }
+        self.tally.datagrams_to_clients += sent as u64;
+        self.tally.bytes_to_clients += bytes_sent;
+        if let Some(flow) = self.table.get_mut(id) {
+            flow.datagrams_to_client += sent as u64;
+            flow.bytes_to_client += bytes_sent;
+        }
+    }
+
+    /// A flow's first reply shows its backend works: its failure count starts again.
+    fn first_reply(&self, id: FlowId) {
+        if let Some(flow) = self.table.get(id) {
+            if flow.datagrams_to_client == 0 {
+                flow.route.pool.backends[flow.backend]
+                    .state
+                    .record_connect_success();
+            }
+        }
+    }
+
+    /// The backend refused a flow's datagram (ICMP port unreachable).
+    fn refused(&mut self, id: FlowId, now: u64) {
+        let Some(flow) = self.table.get_mut(id) else {
+            return;
+        };
+        flow.refused = true;
+        let (route, backend) = (Arc::clone(&flow.route), flow.backend);
+        self.passive_failure(&route, backend, now);
+    }
+
+    fn passive_failure(&self, route: &Route, index: usize, now: u64) {
+        let pool = &route.pool;
+        let backend = &pool.backends[index];
+        let metrics = &pool.backend_metrics[index];
+        metrics.udp_unreachable.inc();
+        if backend.state.record_connect_failure(now, pool.breaker) {
+            metrics.breaker_opened.inc();
+            warn!(
+                pool = %pool.config.name,
+                backend = %backend.name,
+                max_fails = pool.breaker.max_fails,
+                down_for_ms = pool.breaker.fail_duration_ms,
+                "backend marked down after consecutive udp port unreachable errors"
+            );
+        }
+    }
+
+    fn expire(&mut self, now: u64) {
+        while let Some((client, flow)) = self.table.pop_expired(now) {
+            self.end(client, flow, FlowEnd::IdleTimeout);
+        }
+    }
+
+    /// Counts and logs a flow that has left the table; dropping it closes its socket.
+    fn end(&mut self, client: SocketAddr, flow: Flow, reason: FlowEnd) {
+        self.metrics.flows_active.dec();
+        self.metrics.flows_expired(reason).inc();
+        let backend = &flow.route.pool.backends[flow.backend];
+        debug!(
+            listener = %self.name,
+            client = %client,
+            pool = %flow.route.pool.config.name,
+            backend = %backend.addr,
+            datagrams_from_client = flow.datagrams_from_client,
+            bytes_from_client = flow.bytes_from_client,
+            datagrams_to_client = flow.datagrams_to_client,
+            bytes_to_client = flow.bytes_to_client,
+            duration_ms = flow.started.elapsed().as_millis() as u64,
+            reason = reason.as_str(),
+            "flow ended"
+        );
+        self.access_log.log(|| Record {
+            time: std::time::SystemTime::now(),
+            listener: Arc::clone(&self.name),
+            client: ClientAddr(client),
+            pool: Arc::from(flow.route.pool.config.name.as_str()),
+            backend: Some((Arc::clone(&backend.name), backend.addr)),
+            sni: None,
+            bytes_from_client: flow.bytes_from_client,
+            bytes_to_client: flow.bytes_to_client,
+            duration: flow.started.elapsed(),
+            reason: reason.as_str(),
+            refused: None,
+        });
+    }
+
+    /// Logs a local socket failure (e.g. out of file descriptors) at most once a second.
+    fn warn_socket(&mut self, e: &io::Error) {
+        let now = Instant::now();
+        if self
+            .last_socket_warning
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
+            self.last_socket_warning = Some(now);
+            warn!(listener = %self.name, error = %e, "cannot open an upstream udp socket; dropping new flows");
+        }
+    }
+}
+
+enum UpstreamError {
+    /// The socket itself could not be made (a local resource problem).
+    Local(io::Error),
+    /// connect(2) to the backend failed (no route, ...).
+    Connect(io::Error),
+}
+
+/// A non-blocking UDP socket connected to `backend`.
+fn upstream_socket(backend: SocketAddr) -> Result<Socket, UpstreamError> {
+    let socket = Socket::new(
+        Domain::for_address(backend),
+        Type::DGRAM.nonblocking(),
+        Some(Protocol::UDP),
+    )
+    .map_err(UpstreamError::Local)?;
+    socket
+        .connect(&backend.into())
+        .map_err(UpstreamError::Connect)?;
+    Ok(socket)
+}
+
+/// Logs that a UDP listener is serving.
+pub fn log_listening(name: &str, route: &Route) {
+    info!(listener = %name, bind = %route.config.bind, protocol = "udp", pool = %route.pool.config.name, "listening");
+}

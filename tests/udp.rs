@@ -1,0 +1,636 @@
+//! UDP flow forwarding end to end, on real loopback sockets: a real DNS server answered
+//! through the balancer by a real client, datagram-exact echo with many clients, idle
+//! expiry, `responses`, `max_flows`, failover (backend down, ICMP port unreachable) and
+//! Maglev stickiness per client address and port.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use switchyard::backend::Health;
+use tokio::net::UdpSocket;
+use tokio::task::JoinHandle;
+
+/// How a test backend answers a datagram.
+#[derive(Clone, Copy)]
+enum Reply {
+    /// The same bytes back.
+    Echo,
+    /// `name:` and the bytes.
+    Named,
+    /// `first:` + bytes, then `second:` + bytes.
+    Twice,
+}
+
+/// A UDP backend on 127.0.0.1:0.
+struct UdpBackend {
+    name: String,
+    addr: SocketAddr,
+    task: Option<JoinHandle<()>>,
+}
+
+impl UdpBackend {
+    async fn start(name: &str, reply: Reply) -> UdpBackend {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind backend");
+        let addr = socket.local_addr().expect("addr");
+        let prefix = format!("{name}:").into_bytes();
+        let task = tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            let mut out = Vec::with_capacity(65536 + 16);
+            loop {
+                let Ok((n, from)) = socket.recv_from(&mut buf).await else {
+                    continue;
+                };
+                match reply {
+                    Reply::Echo => {
+                        let _ = socket.send_to(&buf[..n], from).await;
+                    }
+                    Reply::Named => {
+                        out.clear();
+                        out.extend_from_slice(&prefix);
+                        out.extend_from_slice(&buf[..n]);
+                        let _ = socket.send_to(&out, from).await;
+                    }
+                    Reply::Twice => {
+                        for tag in [&b"first:"[..], b"second:"] {
+                            out.clear();
+                            out.extend_from_slice(tag);
+                            out.extend_from_slice(&buf[..n]);
+                            let _ = socket.send_to(&out, from).await;
+                        }
+                    }
+                }
+            }
+        });
+        UdpBackend {
+            name: name.to_string(),
+            addr,
+            task: Some(task),
+        }
+    }
+
+    /// Closes the socket: datagrams to the port now get ICMP port unreachable.
+    async fn stop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for UdpBackend {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+fn udp_config(listener_udp: &str, pool_extra: &str, backends: &[SocketAddr]) -> String {
+    let listener = format!("    protocol: udp\n    udp:\n{listener_udp}");
+    let list: Vec<(SocketAddr, u32)> = backends.iter().map(|a| (*a, 1)).collect();
+    one_pool(pool_extra, &listener, &list)
+}
+
+async fn client() -> UdpSocket {
+    UdpSocket::bind("127.0.0.1:0").await.expect("bind client")
+}
+
+/// Sends `msg` to `to` until a datagram arrives (resending every 500ms, as a UDP client
+/// would); returns the first datagram received.
+async fn exchange(socket: &UdpSocket, to: SocketAddr, msg: &[u8]) -> Vec<u8> {
+    let mut buf = vec![0u8; 65536];
+    within("udp exchange", async {
+        loop {
+            socket.send_to(msg, to).await.expect("send");
+            if let Ok(r) =
+                tokio::time::timeout(Duration::from_millis(500), socket.recv(&mut buf)).await
+            {
+                let n = r.expect("recv");
+                return buf[..n].to_vec();
+            }
+        }
+    })
+    .await
+}
+
+/// Polls a counter until it reaches `want` (bounded by `within`).
+async fn wait_counter(lb: &Balancer, name: &str, labels: &[(&str, &str)], want: u64) {
+    within(&format!("{name} {labels:?} to reach {want}"), async {
+        while lb.counter(name, labels) < want {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+const FLOWS_ACTIVE: &str = "switchyard_udp_flows_active";
+const FLOWS_CREATED: &str = "switchyard_udp_flows_created_total";
+const FLOWS_EXPIRED: &str = "switchyard_udp_flows_expired_total";
+const DROPPED: &str = "switchyard_udp_datagrams_dropped_total";
+
+/// Deterministic bytes for client `c`, message `i`, of `len` bytes.
+fn payload(c: usize, i: usize, len: usize) -> Vec<u8> {
+    let mut state = (c as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (i as u64 + 1);
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_is_datagram_exact_for_many_concurrent_clients() {
+    let backend = UdpBackend::start("echo", Reply::Echo).await;
+    let lb = Balancer::start(&udp_config(
+        "      idle_timeout: 30s\n",
+        "",
+        &[backend.addr],
+    ))
+    .await;
+    let to = lb.addr("l");
+    const SIZES: [usize; 11] = [0, 1, 8, 100, 512, 1472, 4096, 9000, 16384, 32768, 65507];
+    const CLIENTS: usize = 24;
+    const ROUNDS: usize = 2;
+    let mut tasks = Vec::new();
+    for c in 0..CLIENTS {
+        tasks.push(tokio::spawn(async move {
+            let socket = client().await;
+            let mut bytes = 0u64;
+            for i in 0..SIZES.len() * ROUNDS {
+                let len = SIZES[(i + c) % SIZES.len()];
+                let msg = payload(c, i, len);
+                // Resent datagrams may echo twice: skip echoes of earlier messages.
+                let got = within("matching echo", async {
+                    loop {
+                        let got = exchange(&socket, to, &msg).await;
+                        if got == msg {
+                            return got;
+                        }
+                        assert!(
+                            (0..i).any(|j| payload(c, j, SIZES[(j + c) % SIZES.len()]) == got),
+                            "client {c} message {i}: got {} bytes that were never sent",
+                            got.len()
+                        );
+                    }
+                })
+                .await;
+                assert_eq!(got.len(), len);
+                bytes += len as u64;
+            }
+            bytes
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.expect("client");
+    }
+    assert!(lb.counter("switchyard_udp_bytes_from_clients_total", &[]) >= total);
+    assert!(lb.counter("switchyard_udp_bytes_to_clients_total", &[]) >= total);
+    assert_eq!(
+        lb.counter(FLOWS_CREATED, &[]),
+        CLIENTS as u64,
+        "one flow per client"
+    );
+    assert_eq!(lb.counter(FLOWS_ACTIVE, &[]), CLIENTS as u64);
+    assert_eq!(lb.counter(DROPPED, &[("reason", "truncated")]), 0);
+}
+
+#[tokio::test]
+async fn idle_flows_expire_and_the_next_datagram_starts_a_new_one() {
+    let backend = UdpBackend::start("echo", Reply::Echo).await;
+    let lb = Balancer::start(&udp_config(
+        "      idle_timeout: 200ms\n",
+        "",
+        &[backend.addr],
+    ))
+    .await;
+    let socket = client().await;
+    assert_eq!(exchange(&socket, lb.addr("l"), b"one").await, b"one");
+    assert_eq!(lb.counter(FLOWS_ACTIVE, &[]), 1);
+    wait_counter(&lb, FLOWS_EXPIRED, &[("reason", "idle_timeout")], 1).await;
+    assert_eq!(lb.counter(FLOWS_ACTIVE, &[]), 0);
+    assert_eq!(exchange(&socket, lb.addr("l"), b"two").await, b"two");
+    assert_eq!(lb.counter(FLOWS_CREATED, &[]), 2);
+}
+
+#[tokio::test]
+async fn responses_one_ends_the_flow_after_the_first_reply() {
+    let backend = UdpBackend::start("twice", Reply::Twice).await;
+    let lb = Balancer::start(&udp_config(
+        "      idle_timeout: 30s\n      responses: 1\n",
+        "",
+        &[backend.addr],
+    ))
+    .await;
+    let socket = client().await;
+    for i in 0..3 {
+        let msg = format!("q{i}");
+        let got = exchange(&socket, lb.addr("l"), msg.as_bytes()).await;
+        // Had the backend's second reply been forwarded, it would be read here instead.
+        assert_eq!(got, format!("first:{msg}").as_bytes());
+        wait_counter(&lb, FLOWS_EXPIRED, &[("reason", "responses")], i + 1).await;
+    }
+    assert_eq!(lb.counter(FLOWS_CREATED, &[]), 3);
+    assert_eq!(lb.counter(FLOWS_ACTIVE, &[]), 0);
+}
+
+#[tokio::test]
+async fn max_flows_drops_new_flows_and_counts_them() {
+    let backend = UdpBackend::start("echo", Reply::Echo).await;
+    let lb = Balancer::start(&udp_config(
+        "      idle_timeout: 30s\n      max_flows: 2\n",
+        "",
+        &[backend.addr],
+    ))
+    .await;
+    let (a, b, c) = (client().await, client().await, client().await);
+    assert_eq!(exchange(&a, lb.addr("l"), b"a").await, b"a");
+    assert_eq!(exchange(&b, lb.addr("l"), b"b").await, b"b");
+    c.send_to(b"c", lb.addr("l")).await.expect("send");
+    c.send_to(b"c", lb.addr("l")).await.expect("send");
+    wait_counter(&lb, DROPPED, &[("reason", "max_flows")], 2).await;
+    // Existing flows keep working.
+    assert_eq!(exchange(&a, lb.addr("l"), b"a2").await, b"a2");
+    assert_eq!(lb.counter(FLOWS_CREATED, &[]), 2);
+}
+
+/// Which backend answered, from a `name:` reply.
+fn answered_by(reply: &[u8]) -> String {
+    let text = String::from_utf8_lossy(reply);
+    text.split(':').next().unwrap_or_default().to_string()
+}
+
+#[tokio::test]
+async fn backend_down_moves_the_flow_on_its_next_datagram() {
+    let a = UdpBackend::start("a", Reply::Named).await;
+    let b = UdpBackend::start("b", Reply::Named).await;
+    let lb = Balancer::start(&udp_config(
+        "      idle_timeout: 30s\n",
+        "    balance: maglev\n    hash_key: client_ip_port\n",
+        &[a.addr, b.addr],
+    ))
+    .await;
+    let socket = client().await;
+    let first = answered_by(&exchange(&socket, lb.addr("l"), b"1").await);
+    let (down, other) = if first == "a" { (&a, &b) } else { (&b, &a) };
+    assert_eq!(
+        answered_by(&exchange(&socket, lb.addr("l"), b"2").await),
+        first
+    );
+    lb.shared
+        .backend_state("p", &down.addr.to_string())
+        .expect("backend state")
+        .set_health(Health::Down);
+    assert_eq!(
+        answered_by(&exchange(&socket, lb.addr("l"), b"3").await),
+        other.name,
+        "the next datagram goes to the other backend"
+    );
+    assert_eq!(lb.counter(FLOWS_EXPIRED, &[("reason", "backend_down")]), 1);
+    // New clients go to the available backend at once.
+    for _ in 0..5 {
+        let fresh = client().await;
+        assert_eq!(
+            answered_by(&exchange(&fresh, lb.addr("l"), b"x").await),
+            other.name
+        );
+    }
+}
+
+#[tokio::test]
+async fn icmp_port_unreachable_is_a_passive_failure_and_the_flow_moves() {
+    let mut a = UdpBackend::start("a", Reply::Named).await;
+    let mut b = UdpBackend::start("b", Reply::Named).await;
+    let lb = Balancer::start(&udp_config(
+        "      idle_timeout: 30s\n",
+        "    balance: maglev\n    hash_key: client_ip_port\n    max_fails: 1\n    fail_duration: 1h\n",
+        &[a.addr, b.addr],
+    ))
+    .await;
+    let socket = client().await;
+    let first = answered_by(&exchange(&socket, lb.addr("l"), b"1").await);
+    let (stopped, other) = if first == "a" {
+        (&mut a, &b)
+    } else {
+        (&mut b, &a)
+    };
+    let stopped_name = stopped.addr.to_string();
+    stopped.stop().await;
+    // The first datagram after the stop is refused (ICMP); the client resends and the
+    // flow moves to the other backend.
+    assert_eq!(
+        answered_by(&exchange(&socket, lb.addr("l"), b"2").await),
+        other.name
+    );
+    assert!(
+        lb.counter(
+            "switchyard_backend_udp_unreachable_total",
+            &[("backend", &stopped_name)]
+        ) >= 1
+    );
+    assert_eq!(
+        lb.counter(
+            "switchyard_backend_passive_down_total",
+            &[("backend", &stopped_name)]
+        ),
+        1,
+        "max_fails: 1 opens the breaker on the first unreachable"
+    );
+    assert_eq!(
+        lb.counter(FLOWS_EXPIRED, &[("reason", "backend_refused")]),
+        1
+    );
+    let state = lb.shared.backend_state("p", &stopped_name).expect("state");
+    assert!(!state.is_available(switchyard::clock::now_ms()));
+    // New flows avoid the refused backend while the breaker holds it down.
+    for _ in 0..5 {
+        let fresh = client().await;
+        assert_eq!(
+            answered_by(&exchange(&fresh, lb.addr("l"), b"x").await),
+            other.name
+        );
+    }
+}
+
+#[tokio::test]
+async fn maglev_client_ip_port_keeps_each_client_on_its_backend() {
+    let backends = [
+        UdpBackend::start("a", Reply::Named).await,
+        UdpBackend::start("b", Reply::Named).await,
+        UdpBackend::start("c", Reply::Named).await,
+    ];
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    // responses: 1 ends every flow after its reply, so stickiness comes from the hash alone.
+    let lb = Balancer::start(&udp_config(
+        "      idle_timeout: 30s\n      responses: 1\n",
+        "    balance: maglev\n    hash_key: client_ip_port\n",
+        &addrs,
+    ))
+    .await;
+    let mut used = HashSet::new();
+    let mut per_client: HashMap<SocketAddr, String> = HashMap::new();
+    for _ in 0..24 {
+        let socket = client().await;
+        let me = socket.local_addr().expect("addr");
+        for i in 0..4 {
+            let got =
+                answered_by(&exchange(&socket, lb.addr("l"), format!("{i}").as_bytes()).await);
+            let first = per_client.entry(me).or_insert_with(|| got.clone());
+            assert_eq!(*first, got, "client {me} moved");
+            used.insert(got);
+        }
+    }
+    assert!(used.len() >= 2, "24 clients all hashed to {used:?}");
+    wait_counter(&lb, FLOWS_EXPIRED, &[("reason", "responses")], 96).await;
+}
+
+#[tokio::test]
+async fn shutdown_ends_open_flows_after_the_grace_period() {
+    let backend = UdpBackend::start("echo", Reply::Echo).await;
+    let yaml = format!(
+        "global:\n  shutdown_grace: 100ms\n{}",
+        udp_config("      idle_timeout: 1h\n", "", &[backend.addr])
+    );
+    let mut lb = Balancer::start(&yaml).await;
+    let socket = client().await;
+    assert_eq!(exchange(&socket, lb.addr("l"), b"hi").await, b"hi");
+    lb.begin_shutdown();
+    lb.finished().await;
+    assert_eq!(lb.counter(FLOWS_EXPIRED, &[("reason", "shutdown")]), 1);
+    assert_eq!(lb.counter(FLOWS_ACTIVE, &[]), 0);
+}
+
+#[tokio::test]
+async fn tcp_and_udp_listeners_share_one_address() {
+    let udp_backend = UdpBackend::start("u", Reply::Named).await;
+    let tcp_backend = Backend::start("t").await;
+    // A port free now may be taken by the time it is bound: try a few.
+    let mut bound = None;
+    for _ in 0..10 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .expect("free port")
+            .port();
+        let yaml = format!(
+            "listeners:
+  - {{name: tcp, bind: 127.0.0.1:{port}, pool: tcp}}
+  - {{name: udp, bind: 127.0.0.1:{port}, protocol: udp, pool: udp}}
+pools:
+  - {{name: tcp, backends: [{{address: \"{}\"}}]}}
+  - {{name: udp, backends: [{{address: \"{}\"}}]}}
+",
+            tcp_backend.addr, udp_backend.addr
+        );
+        let config = switchyard::Config::from_yaml(&yaml, "test.yaml").expect("config");
+        if let Ok(server) = switchyard::Server::bind(config) {
+            bound = Some(server);
+            break;
+        }
+    }
+    let server = bound.expect("a port free for both tcp and udp");
+    let (tcp, udp) = (
+        server.local_addr("tcp").expect("tcp"),
+        server.local_addr("udp").expect("udp"),
+    );
+    assert_eq!(tcp.port(), udp.port());
+    let task = tokio::spawn(server.run(std::future::pending::<()>()));
+    assert_eq!(backend_of(tcp).await, "t");
+    let socket = client().await;
+    assert_eq!(exchange(&socket, udp, b"x").await, b"u:x");
+    task.abort();
+}
+
+/// A dnsmasq process answering `test.example` with 10.1.2.3, stopped by PID on drop.
+struct Dnsmasq {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn have(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+        || std::path::Path::new(&format!("/usr/sbin/{program}")).exists()
+}
+
+fn dnsmasq_program() -> &'static str {
+    if std::path::Path::new("/usr/sbin/dnsmasq").exists() {
+        "/usr/sbin/dnsmasq"
+    } else {
+        "dnsmasq"
+    }
+}
+
+/// A minimal DNS query for `name`, type A.
+fn dns_query(id: u16, name: &str) -> Vec<u8> {
+    let mut q = Vec::new();
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+async fn start_dnsmasq() -> Dnsmasq {
+    // A port found free may be taken again before dnsmasq binds it (it binds TCP too):
+    // then dnsmasq exits, and another port is tried.
+    let mut last_error = String::new();
+    for _ in 0..5 {
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .expect("free port")
+            .port();
+        let child = Command::new(dnsmasq_program())
+            .args([
+                "--no-daemon",
+                &format!("--port={port}"),
+                "--listen-address=127.0.0.1",
+                "--bind-interfaces",
+                "--no-resolv",
+                "--no-hosts",
+                "--address=/test.example/10.1.2.3",
+                "--conf-file=/dev/null",
+                "--pid-file=",
+                "--user=root",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start dnsmasq");
+        let mut server = Dnsmasq {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        };
+        // Ready once it answers a query directly.
+        let socket = client().await;
+        let mut buf = [0u8; 512];
+        for _ in 0..50 {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                let mut err = String::new();
+                if let Some(mut e) = server.child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
+                }
+                last_error = format!("dnsmasq exited ({status}): {err}");
+                break;
+            }
+            socket
+                .send_to(&dns_query(7, "test.example"), server.addr)
+                .await
+                .expect("send");
+            if let Ok(Ok(n)) =
+                tokio::time::timeout(Duration::from_millis(200), socket.recv(&mut buf)).await
+            {
+                assert!(n >= 2 && buf[..2] == 7u16.to_be_bytes(), "dnsmasq answered");
+                return server;
+            }
+        }
+    }
+    panic!("dnsmasq did not start: {last_error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_dns_server_answers_dig_through_the_balancer() {
+    if !have("dnsmasq") || !have("dig") {
+        eprintln!(
+            "SKIPPED real_dns_server_answers_dig_through_the_balancer: dnsmasq and dig are \
+             needed (apt-get install dnsmasq-base bind9-dnsutils; .ci/run installs them)"
+        );
+        return;
+    }
+    let dns = start_dnsmasq().await;
+    let lb = Balancer::start(&udp_config(
+        "      idle_timeout: 5s\n      responses: 1\n",
+        "",
+        &[dns.addr],
+    ))
+    .await;
+    let port = lb.addr("l").port().to_string();
+    let out = within(
+        "dig",
+        tokio::process::Command::new("dig")
+            .args([
+                "@127.0.0.1",
+                "-p",
+                &port,
+                "test.example",
+                "A",
+                "+short",
+                "+tries=3",
+                "+time=2",
+            ])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("run dig");
+    assert!(out.status.success(), "dig failed: {out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "10.1.2.3");
+    // A name dnsmasq does not know: NXDOMAIN (REFUSED without upstreams) still comes back.
+    let out = tokio::process::Command::new("dig")
+        .args([
+            "@127.0.0.1",
+            "-p",
+            &port,
+            "other.example",
+            "+tries=3",
+            "+time=2",
+        ])
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("run dig");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("status: "),
+        "dig got an answer: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    wait_counter(&lb, FLOWS_EXPIRED, &[("reason", "responses")], 2).await;
+    assert!(lb.counter("switchyard_udp_datagrams_to_clients_total", &[]) >= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reuse_port_tasks_keep_each_client_on_one_flow() {
+    let backend = UdpBackend::start("echo", Reply::Echo).await;
+    let yaml = udp_config("      idle_timeout: 30s\n", "", &[backend.addr]).replace(
+        "    protocol: udp\n",
+        "    protocol: udp\n    reuse_port: true\n    accept_tasks: 2\n",
+    );
+    let lb = Balancer::start(&yaml).await;
+    let to = lb.addr("l");
+    let mut tasks = Vec::new();
+    for c in 0..16 {
+        tasks.push(tokio::spawn(async move {
+            let socket = client().await;
+            for i in 0..5 {
+                let msg = payload(c, i, 100 + i);
+                assert_eq!(exchange(&socket, to, &msg).await, msg);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("client");
+    }
+    // Each client's datagrams all reached the same socket, so the same flow table.
+    assert_eq!(lb.counter(FLOWS_CREATED, &[]), 16);
+}
