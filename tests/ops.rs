@@ -591,6 +591,74 @@ async fn reload_adds_removes_and_renames_listeners_without_cutting_connections()
     assert_eq!((s.ok, s.failed), (1, 0));
 }
 
+/// A UDP echo server on 127.0.0.1:0.
+async fn udp_echo() -> std::net::SocketAddr {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            let _ = socket.send_to(&buf[..n], from).await;
+        }
+    });
+    addr
+}
+
+async fn udp_round_trip(client: &tokio::net::UdpSocket, to: std::net::SocketAddr, msg: &[u8]) {
+    client.send_to(msg, to).await.unwrap();
+    let mut buf = [0u8; 64];
+    let (n, from) = within("udp reply", client.recv_from(&mut buf))
+        .await
+        .unwrap();
+    assert_eq!((&buf[..n], from), (msg, to));
+}
+
+#[tokio::test]
+async fn reload_adds_and_removes_udp_listeners_without_cutting_flows() {
+    let echo = udp_echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("switchyard.yaml");
+    let yaml = |listeners: &str| {
+        format!(
+            "listeners:\n{listeners}pools:\n  - name: p\n    backends: [{{ name: e, address: \"{echo}\" }}]\n"
+        )
+    };
+    let kept = "  - { name: kept, bind: 127.0.0.1:0, protocol: udp, pool: p }\n";
+    write_file(
+        &path,
+        &yaml(&format!(
+            "{kept}  - {{ name: old, bind: 127.0.0.1:0, protocol: udp, pool: p }}\n"
+        )),
+    );
+    let lb = Balancer::start_file(&path).await;
+    let kept_addr = lb.control.local_addr("kept").expect("kept bound");
+    let old_addr = lb.control.local_addr("old").expect("old bound");
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    udp_round_trip(&client, kept_addr, b"one").await;
+    udp_round_trip(&client, old_addr, b"two").await;
+
+    write_file(
+        &path,
+        &yaml(&format!(
+            "{kept}  - {{ name: new, bind: 127.0.0.1:0, protocol: udp, pool: p }}\n"
+        )),
+    );
+    let changes = lb.control.reload().await.expect("reload");
+    assert_eq!(changes.added, vec!["new".to_string()]);
+    assert_eq!(changes.removed, vec!["old".to_string()]);
+    assert_eq!(changes.kept, vec!["kept".to_string()]);
+    assert_eq!(
+        lb.control.local_addr("kept"),
+        Some(kept_addr),
+        "kept socket"
+    );
+    let new_addr = lb.control.local_addr("new").expect("new bound");
+    udp_round_trip(&client, new_addr, b"three").await;
+    udp_round_trip(&client, kept_addr, b"four").await;
+    // The flow opened through the removed listener goes on until it ends by itself.
+    udp_round_trip(&client, old_addr, b"five").await;
+}
+
 #[tokio::test]
 async fn access_log_records_connections_turned_away_at_max_connections() {
     let a = Backend::start("a").await;
