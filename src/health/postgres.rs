@@ -184,7 +184,11 @@ impl Probe {
         let mut stream = TcpStream::connect(self.addr)
             .await
             .map_err(ConnectError::Io)?;
+        // As `Config::connect` sets up its own socket: no delay, keepalives after 2 hours.
         let _ = stream.set_nodelay(true);
+        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(
+            &socket2::TcpKeepalive::new().with_time(Duration::from_secs(2 * 60 * 60)),
+        );
         stream.write_all(header).await.map_err(ConnectError::Io)?;
         match &self.tls {
             None => {
