@@ -131,12 +131,17 @@ pub fn summary(config: &Config) -> String {
         if let Some(h) = &p.health_check {
             let _ = writeln!(
                 out,
-                "    health: {} every {} (timeout {}, rise {}, fall {}), on_backend_down {}",
+                "    health: {} every {} (timeout {}, rise {}, fall {}{}), on_backend_down {}",
                 h.kind.name(),
                 humantime::format_duration(h.interval),
                 humantime::format_duration(h.timeout),
                 h.rise,
                 h.fall,
+                match h.proxy_protocol {
+                    Some(switchyard::proxy_protocol::Version::V1) => ", PROXY v1 UNKNOWN header",
+                    Some(switchyard::proxy_protocol::Version::V2) => ", PROXY v2 LOCAL header",
+                    None => "",
+                },
                 p.on_backend_down.name()
             );
         }
@@ -172,6 +177,9 @@ pub fn summary(config: &Config) -> String {
     }
     for unused in config::unused_pools(config) {
         let _ = writeln!(out, "note: pool \"{unused}\" is not used by any listener");
+    }
+    for note in config::proxy_protocol_notes(config) {
+        let _ = writeln!(out, "note: {note}");
     }
     out
 }

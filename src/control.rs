@@ -220,6 +220,9 @@ impl Control {
             return Err(ReloadError::ShuttingDown);
         }
         let config = Config::from_file(path)?;
+        for note in crate::config::proxy_protocol_notes(&config) {
+            warn!("{note}");
+        }
         let current = self.shared.snapshot();
         if config.admin != current.config.admin {
             warn!("the admin section changed; it takes effect on restart");

@@ -39,6 +39,9 @@ fn main() -> ExitCode {
         print!("{}", cli::summary(&config));
         return ExitCode::SUCCESS;
     }
+    for note in config::proxy_protocol_notes(&config) {
+        warn!("{note}");
+    }
 
     raise_fd_limit();
     let takeover = match &cli.takeover {

@@ -77,6 +77,30 @@ fn check_rejects_a_bad_config_with_file_line_and_key() {
 }
 
 #[test]
+fn check_notes_checks_without_the_header_their_listener_sends() {
+    let f = write_config(
+        "listeners:\n  - {name: a, bind: 127.0.0.1:7000, pool: p, proxy_protocol: v1}\npools:\n  - name: p\n    health_check: {type: tcp}\n    backends: [{address: 127.0.0.1:1}]\n  - name: q\n    health_check: {type: tcp, proxy_protocol: v2}\n    backends: [{address: 127.0.0.1:2}]\n",
+    );
+    let out = switchyard()
+        .arg("check")
+        .arg("-c")
+        .arg(f.path())
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("note: pools[0].health_check: listener \"a\" sends PROXY v1 headers to pool \"p\", and its tcp check sends none; set proxy_protocol: v1"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("health: tcp every 2s (timeout 1s, rise 2, fall 2, PROXY v2 LOCAL header)"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("pools[1].health_check"), "{stdout}");
+}
+
+#[test]
 fn check_reports_a_missing_file() {
     let out = switchyard()
         .args(["check", "-c", "/nonexistent.yaml"])

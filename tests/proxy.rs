@@ -3,12 +3,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+#[path = "support/nginx.rs"]
+mod nginx;
 
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
+use nginx::Nginx;
 use switchyard::proxy_protocol::{self, Header, Version};
 use switchyard::tls::sni::build_client_hello;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -152,27 +154,16 @@ pools:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nginx_reads_our_v1_and_v2_headers() {
-    let nginx = std::path::Path::new("/usr/sbin/nginx");
-    if !nginx.exists() {
-        eprintln!("\n\n*** SKIPPED: nginx is not installed (/usr/sbin/nginx); install it to test PROXY headers against a real consumer ***\n");
-        return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
     let (p1, p2) = (free_port(), free_port());
-    let d = dir.path().display();
-    let conf = format!(
-        "daemon off;
-master_process off;
-pid {d}/nginx.pid;
-error_log {d}/error.log info;
-events {{ worker_connections 64; }}
-http {{
-  access_log {d}/access.log;
-  client_body_temp_path {d}/body;
-  proxy_temp_path {d}/proxy;
-  fastcgi_temp_path {d}/fastcgi;
-  uwsgi_temp_path {d}/uwsgi;
-  scgi_temp_path {d}/scgi;
+    let Some(nginx) = Nginx::start(
+        &format!(
+            "http {{
+  access_log {{dir}}/access.log;
+  client_body_temp_path {{dir}}/body;
+  proxy_temp_path {{dir}}/proxy;
+  fastcgi_temp_path {{dir}}/fastcgi;
+  uwsgi_temp_path {{dir}}/uwsgi;
+  scgi_temp_path {{dir}}/scgi;
   server {{
     listen 127.0.0.1:{p1} proxy_protocol;
     listen 127.0.0.1:{p2} proxy_protocol;
@@ -180,31 +171,11 @@ http {{
   }}
 }}
 "
-    );
-    let conf_path = dir.path().join("nginx.conf");
-    std::fs::write(&conf_path, conf).expect("write conf");
-    let mut child = tokio::process::Command::new(nginx)
-        .arg("-p")
-        .arg(dir.path())
-        .arg("-e")
-        .arg(dir.path().join("error.log"))
-        .arg("-c")
-        .arg(&conf_path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn nginx");
-    let pid = child.id().expect("nginx pid");
-    // Wait until nginx accepts on both ports.
-    for port in [p1, p2] {
-        within("nginx listening", async {
-            while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await;
-    }
+        ),
+        &[p1, p2],
+    ) else {
+        return;
+    };
     let yaml = format!(
         "listeners:
   - {{ name: v1, bind: 127.0.0.1:0, pool: n1, proxy_protocol: v1 }}
@@ -229,9 +200,8 @@ pools:
             "{listener}: nginx saw the client through the header: {reply}"
         );
     }
-    // Stop nginx by its PID.
-    assert_eq!(child.id(), Some(pid));
-    child.kill().await.expect("kill nginx");
+    // Stopped by its PID.
+    drop(nginx);
 }
 
 fn free_port() -> u16 {

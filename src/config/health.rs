@@ -115,6 +115,8 @@ pub struct HealthCheckSection {
     pub mongodb: Option<MongoSection>,
     pub udp: Option<UdpSection>,
     pub dns: Option<DnsSection>,
+    /// PROXY protocol LOCAL header sent first (none | v1 | v2).
+    pub proxy_protocol: Option<super::tls::ProxyProtocolMode>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -182,6 +184,20 @@ pub struct HealthCheckConfig {
     /// A backend starts up instead of waiting for `rise` passes.
     pub initial_up: bool,
     pub kind: CheckKind,
+    /// PROXY protocol LOCAL header sent as a check connection's first bytes (tcp, postgres,
+    /// mongodb), for backends that require one.
+    pub proxy_protocol: Option<crate::proxy_protocol::Version>,
+    /// `proxy_protocol` was written (`none` included): the choice is deliberate.
+    pub proxy_protocol_explicit: bool,
+}
+
+impl HealthCheckConfig {
+    /// The bytes a check connection sends first: a PROXY LOCAL header (v1 has no LOCAL, so
+    /// `PROXY UNKNOWN\r\n`), or nothing.
+    pub fn proxy_header(&self) -> Option<Vec<u8>> {
+        self.proxy_protocol
+            .map(|v| crate::proxy_protocol::encode(v, &crate::proxy_protocol::Header::Local))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -325,6 +341,13 @@ pub(super) fn validate(
             format!("a {this} check needs {key}: settings ({what})"),
         )
     };
+    let proxy_protocol = s.proxy_protocol.and_then(|m| m.version());
+    if proxy_protocol.is_some() && matches!(s.kind, CheckType::Udp | CheckType::Dns) {
+        return Err(ctx.error(
+            &format!("{path}.proxy_protocol"),
+            format!("a {this} check sends datagrams, and a PROXY header is sent only on TCP connections (tcp, postgres, mongodb checks); remove it"),
+        ));
+    }
     let kind = match s.kind {
         CheckType::None => {
             for (key, present) in [
@@ -333,6 +356,7 @@ pub(super) fn validate(
                 ("rise", s.rise.is_some()),
                 ("fall", s.fall.is_some()),
                 ("initial_state", s.initial_state.is_some()),
+                ("proxy_protocol", s.proxy_protocol.is_some()),
             ] {
                 if present {
                     return Err(ctx.error(
@@ -402,7 +426,69 @@ pub(super) fn validate(
         fall,
         initial_up: s.initial_state == Some(InitialState::Up),
         kind,
+        proxy_protocol,
+        proxy_protocol_explicit: s.proxy_protocol.is_some(),
     }))
+}
+
+/// Pools whose backends get PROXY headers from a listener (`proxy_protocol: v1 | v2`; its
+/// pool, TLS routes and default pool, and their fallback pools) while their tcp, postgres
+/// or mongodb check sends none and does not say `proxy_protocol: none` either. Such a
+/// backend usually requires the header: a postgres or mongodb check then fails, and a tcp
+/// check passes while the backend logs a broken header at every check. Not an error (some
+/// backends accept connections with and without a header); reported by `check` and logged
+/// at start and reload.
+pub fn proxy_protocol_notes(config: &super::Config) -> Vec<String> {
+    let mut notes = Vec::new();
+    for (i, pool) in config.pools.iter().enumerate() {
+        let Some(check) = &pool.health_check else {
+            continue;
+        };
+        if check.proxy_protocol_explicit
+            || !matches!(
+                check.kind,
+                CheckKind::Tcp | CheckKind::Postgres(_) | CheckKind::Mongodb(_)
+            )
+        {
+            continue;
+        }
+        let sender = config.listeners.iter().find_map(|l| {
+            let version = l.proxy_protocol.version()?;
+            let mut direct = std::iter::once(l.pool.as_str()).chain(super::tls::route_pools(l));
+            direct
+                .any(|start| reaches(config, start, &pool.name))
+                .then_some((l.name.as_str(), version))
+        });
+        if let Some((listener, version)) = sender {
+            let v = match version {
+                crate::proxy_protocol::Version::V1 => "v1",
+                crate::proxy_protocol::Version::V2 => "v2",
+            };
+            notes.push(format!(
+                "pools[{i}].health_check: listener \"{listener}\" sends PROXY {v} headers to pool \"{}\", and its {} check sends none; set proxy_protocol: {v} if the backends require the header, or proxy_protocol: none if they accept connections without it",
+                pool.name,
+                check.kind.name()
+            ));
+        }
+    }
+    notes
+}
+
+/// Whether connections for pool `start` can end up in pool `target` (itself, or through
+/// its chain of fallback pools).
+fn reaches(config: &super::Config, start: &str, target: &str) -> bool {
+    let mut current = Some(start);
+    // Fallback chains are acyclic (validated); the bound only guards against a bug.
+    for _ in 0..=config.pools.len() {
+        let Some(name) = current else {
+            return false;
+        };
+        if name == target {
+            return true;
+        }
+        current = config.pool(name).and_then(|p| p.fallback_pool.as_deref());
+    }
+    false
 }
 
 fn validate_postgres(

@@ -249,3 +249,87 @@ fn fallback_pool_and_on_backend_down() {
         "{e}"
     );
 }
+
+#[test]
+fn proxy_protocol_for_checks() {
+    use crate::proxy_protocol::Version;
+    let check = |extra: &str| {
+        Config::from_yaml(&config(extra), "config.yaml")
+            .expect("valid")
+            .pools[0]
+            .health_check
+            .clone()
+            .expect("check")
+    };
+    let h = check("    health_check: {type: tcp}\n");
+    assert_eq!((h.proxy_protocol, h.proxy_protocol_explicit), (None, false));
+    assert_eq!(h.proxy_header(), None);
+    let h = check("    health_check: {type: tcp, proxy_protocol: v1}\n");
+    assert_eq!(h.proxy_protocol, Some(Version::V1));
+    assert_eq!(h.proxy_header().as_deref(), Some(&b"PROXY UNKNOWN\r\n"[..]));
+    let h = check("    health_check: {type: mongodb, proxy_protocol: v2}\n");
+    let mut local = crate::proxy_protocol::V2_SIGNATURE.to_vec();
+    local.extend_from_slice(&[0x20, 0x00, 0x00, 0x00]);
+    assert_eq!(h.proxy_header(), Some(local));
+    let h =
+        check("    health_check: {type: postgres, proxy_protocol: none, postgres: {user: m}}\n");
+    assert_eq!((h.proxy_protocol, h.proxy_protocol_explicit), (None, true));
+}
+
+#[test]
+fn proxy_protocol_rejections() {
+    assert_eq!(
+        err("    health_check:\n      type: tcp\n      proxy_protocol: v3\n"),
+        "config.yaml:10:23: pools[0].health_check.proxy_protocol: unknown value \"v3\", expected one of none, v1, v2"
+    );
+    assert_eq!(
+        err("    health_check:\n      type: udp\n      proxy_protocol: v2\n      udp: {send_hex: \"00\"}\n"),
+        "config.yaml:10:23: pools[0].health_check.proxy_protocol: a udp check sends datagrams, and a PROXY header is sent only on TCP connections (tcp, postgres, mongodb checks); remove it"
+    );
+    let e = err("    health_check: {type: dns, proxy_protocol: v1, dns: {name: example.com}}\n");
+    assert!(
+        e.starts_with(
+            "config.yaml:8:47: pools[0].health_check.proxy_protocol: a dns check sends datagrams"
+        ),
+        "{e}"
+    );
+    let e = err("    health_check: {type: none, proxy_protocol: v1}\n");
+    assert!(
+        e.contains(
+            "pools[0].health_check.proxy_protocol: proxy_protocol has no effect with type: none"
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn checks_behind_a_proxy_protocol_listener_are_noted() {
+    let notes = |listener: &str, app: &str| {
+        let yaml = format!(
+            "listeners:\n  - {{name: app, bind: 127.0.0.1:7000, pool: app{listener}}}\npools:\n  - name: app\n    backends: [{{address: 127.0.0.1:8001}}]\n    fallback_pool: other\n{app}  - name: other\n    backends: [{{address: 127.0.0.1:8002}}]\n    health_check: {{type: postgres, postgres: {{user: m}}}}\n"
+        );
+        crate::config::proxy_protocol_notes(&Config::from_yaml(&yaml, "c.yaml").expect("valid"))
+    };
+    // The pool and its fallback get headers; both checks send none.
+    let n = notes(", proxy_protocol: v2", "    health_check: {type: tcp}\n");
+    assert_eq!(n.len(), 2, "{n:?}");
+    assert_eq!(
+        n[0],
+        "pools[0].health_check: listener \"app\" sends PROXY v2 headers to pool \"app\", and its tcp check sends none; set proxy_protocol: v2 if the backends require the header, or proxy_protocol: none if they accept connections without it"
+    );
+    assert!(n[1].starts_with("pools[1].health_check: listener \"app\" sends PROXY v2 headers to pool \"other\", and its postgres check"), "{n:?}");
+    // A check that says what it sends, either way, is deliberate.
+    let n = notes(
+        ", proxy_protocol: v1",
+        "    health_check: {type: tcp, proxy_protocol: none}\n",
+    );
+    assert_eq!(n.len(), 1, "{n:?}");
+    assert!(n[0].starts_with("pools[1]"), "{n:?}");
+    // No header from the listener, or no TCP check: nothing to say.
+    assert!(notes("", "    health_check: {type: tcp}\n").is_empty());
+    assert!(notes(
+        ", proxy_protocol: none",
+        "    health_check: {type: udp, udp: {send_hex: \"00\"}}\n"
+    )
+    .is_empty());
+}

@@ -20,7 +20,7 @@ use serde::Deserialize;
 
 pub use error::{ConfigError, ConfigLocation};
 pub use file::ConfigDuration;
-pub use health::{CheckKind, HealthCheckConfig, OnBackendDown};
+pub use health::{proxy_protocol_notes, CheckKind, HealthCheckConfig, OnBackendDown};
 pub use ops::{AccessLogConfig, AccessLogFormat, AccessLogTarget, AdminConfig, AdminToken};
 pub use tls::{AcceptProxy, ProxyProtocolMode, SniPattern, SniRoute, TlsPassthrough};
 pub use udp::{Protocol, UdpConfig};

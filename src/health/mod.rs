@@ -341,7 +341,7 @@ fn spawn_pool(
 
 /// The check of one backend, by kind.
 enum Probe {
-    Tcp(SocketAddr),
+    Tcp(SocketAddr, Option<Vec<u8>>),
     Postgres(Box<postgres::Probe>),
     Mongodb(mongodb::Probe),
     Udp(SocketAddr, crate::config::health::UdpCheck),
@@ -351,13 +351,16 @@ enum Probe {
 impl Probe {
     fn new(addr: SocketAddr, check: &HealthCheckConfig) -> Probe {
         match &check.kind {
-            CheckKind::Tcp => Probe::Tcp(addr),
+            CheckKind::Tcp => Probe::Tcp(addr, check.proxy_header()),
             CheckKind::Postgres(pg) => Probe::Postgres(Box::new(postgres::Probe::new(
                 addr,
                 Arc::new(pg.clone()),
                 check.timeout,
+                check.proxy_header(),
             ))),
-            CheckKind::Mongodb(m) => Probe::Mongodb(mongodb::Probe::new(addr, m.clone())),
+            CheckKind::Mongodb(m) => {
+                Probe::Mongodb(mongodb::Probe::new(addr, m.clone(), check.proxy_header()))
+            }
             CheckKind::Udp(u) => Probe::Udp(addr, u.clone()),
             CheckKind::Dns(d) => Probe::Dns(addr, d.clone()),
         }
@@ -365,7 +368,7 @@ impl Probe {
 
     async fn check(&mut self) -> Observation {
         match self {
-            Probe::Tcp(addr) => tcp::check(*addr).await,
+            Probe::Tcp(addr, header) => tcp::check(*addr, header.as_deref()).await,
             Probe::Postgres(p) => p.check().await,
             Probe::Mongodb(p) => p.check().await,
             Probe::Udp(addr, u) => udp::check_udp(*addr, u).await,
@@ -378,7 +381,7 @@ impl Probe {
         match self {
             Probe::Postgres(p) => p.reset(),
             Probe::Mongodb(p) => p.reset(),
-            Probe::Tcp(_) | Probe::Udp(..) | Probe::Dns(..) => {}
+            Probe::Tcp(..) | Probe::Udp(..) | Probe::Dns(..) => {}
         }
     }
 }

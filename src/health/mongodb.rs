@@ -4,6 +4,7 @@
 //! matched against the pool's role and replica set: a healthy member in the other role is
 //! `standby`; an arbiter or a member of another set is down (wrong role). The handful of
 //! BSON this needs (one small command out, top-level fields in) is written here by hand.
+//! With `proxy_protocol`, a PROXY LOCAL header is written right after connecting.
 
 use std::net::SocketAddr;
 
@@ -23,6 +24,8 @@ const COMMAND_NOT_FOUND: i32 = 59;
 pub struct Probe {
     addr: SocketAddr,
     check: MongoCheck,
+    /// PROXY LOCAL header written right after connecting, before any OP_MSG.
+    proxy_header: Option<Vec<u8>>,
     stream: Option<TcpStream>,
     /// The server answered `hello` with "no such command": use `isMaster`.
     legacy: bool,
@@ -30,10 +33,11 @@ pub struct Probe {
 }
 
 impl Probe {
-    pub fn new(addr: SocketAddr, check: MongoCheck) -> Probe {
+    pub fn new(addr: SocketAddr, check: MongoCheck, proxy_header: Option<Vec<u8>>) -> Probe {
         Probe {
             addr,
             check,
+            proxy_header,
             stream: None,
             legacy: false,
             request_id: 0,
@@ -74,10 +78,15 @@ impl Probe {
             Observation::down(super::io_reason(&e), format!("{what}: {e}"))
         };
         if self.stream.is_none() {
-            let s = TcpStream::connect(self.addr)
+            let mut s = TcpStream::connect(self.addr)
                 .await
                 .map_err(|e| io("connect", e))?;
             let _ = s.set_nodelay(true);
+            if let Some(header) = &self.proxy_header {
+                s.write_all(header)
+                    .await
+                    .map_err(|e| io("send PROXY header", e))?;
+            }
             self.stream = Some(s);
         }
         self.request_id = self.request_id.wrapping_add(1);

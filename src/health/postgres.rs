@@ -4,13 +4,18 @@
 //! replica). The role is matched against the pool's: a healthy server in the other role is
 //! `standby`, not down. TLS does not verify the server certificate: a health check only
 //! needs the server's answers, and the data path never goes through this connection.
+//! With `proxy_protocol`, the check opens the socket itself, writes the PROXY LOCAL header
+//! and hands the socket to tokio-postgres (`connect_raw`), TLS negotiation included.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
 use super::Observation;
@@ -36,7 +41,22 @@ pub struct Probe {
     check: Arc<PostgresCheck>,
     config: tokio_postgres::Config,
     tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    /// PROXY LOCAL header written before the startup (or SSLRequest) message.
+    proxy_header: Option<Vec<u8>>,
     conn: Option<(Client, JoinHandle<()>)>,
+}
+
+/// Why a connection with a PROXY header could not be opened.
+enum ConnectError {
+    /// Connect or header write failed.
+    Io(std::io::Error),
+    Postgres(tokio_postgres::Error),
+}
+
+impl From<tokio_postgres::Error> for ConnectError {
+    fn from(e: tokio_postgres::Error) -> ConnectError {
+        ConnectError::Postgres(e)
+    }
 }
 
 impl Drop for Probe {
@@ -46,7 +66,12 @@ impl Drop for Probe {
 }
 
 impl Probe {
-    pub fn new(addr: SocketAddr, check: Arc<PostgresCheck>, timeout: Duration) -> Probe {
+    pub fn new(
+        addr: SocketAddr,
+        check: Arc<PostgresCheck>,
+        timeout: Duration,
+        proxy_header: Option<Vec<u8>>,
+    ) -> Probe {
         let mut config = tokio_postgres::Config::new();
         config
             .host(addr.ip().to_string())
@@ -70,6 +95,7 @@ impl Probe {
             check,
             config,
             tls,
+            proxy_header,
             conn: None,
         }
     }
@@ -88,7 +114,12 @@ impl Probe {
         if self.conn.is_none() {
             match self.connect().await {
                 Ok(conn) => self.conn = Some(conn),
-                Err(e) => return Observation::down(classify(&e), format!("login: {}", text(&e))),
+                Err(ConnectError::Postgres(e)) => {
+                    return Observation::down(classify(&e), format!("login: {}", text(&e)))
+                }
+                Err(ConnectError::Io(e)) => {
+                    return Observation::down(super::io_reason(&e), format!("connect: {e}"))
+                }
             }
         }
         let Some((client, _)) = &self.conn else {
@@ -113,11 +144,14 @@ impl Probe {
         }
     }
 
-    async fn connect(&self) -> Result<(Client, JoinHandle<()>), tokio_postgres::Error> {
+    async fn connect(&self) -> Result<(Client, JoinHandle<()>), ConnectError> {
         let addr = self.addr;
         let on_end = move |e: tokio_postgres::Error| {
             tracing::debug!(backend = %addr, error = %e, "monitoring connection ended");
         };
+        if let Some(header) = &self.proxy_header {
+            return self.connect_with_header(header, on_end).await;
+        }
         match &self.tls {
             None => {
                 let (client, connection) = self.config.connect(NoTls).await?;
@@ -130,6 +164,45 @@ impl Probe {
             }
             Some(tls) => {
                 let (client, connection) = self.config.connect(tls.clone()).await?;
+                let task = tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        on_end(e);
+                    }
+                });
+                Ok((client, task))
+            }
+        }
+    }
+
+    /// Opens the socket, writes `header`, then logs in over it (`sslmode` as configured).
+    /// The check's timeout bounds the whole of it, as it does `Config::connect`.
+    async fn connect_with_header(
+        &self,
+        header: &[u8],
+        on_end: impl FnOnce(tokio_postgres::Error) + Send + 'static,
+    ) -> Result<(Client, JoinHandle<()>), ConnectError> {
+        let mut stream = TcpStream::connect(self.addr)
+            .await
+            .map_err(ConnectError::Io)?;
+        // As `Config::connect` sets up its own socket: no delay, keepalives after 2 hours.
+        let _ = stream.set_nodelay(true);
+        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(
+            &socket2::TcpKeepalive::new().with_time(Duration::from_secs(2 * 60 * 60)),
+        );
+        stream.write_all(header).await.map_err(ConnectError::Io)?;
+        match &self.tls {
+            None => {
+                let (client, connection) = self.config.connect_raw(stream, NoTls).await?;
+                let task = tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        on_end(e);
+                    }
+                });
+                Ok((client, task))
+            }
+            Some(make) => {
+                let tls = raw_tls(make, &self.addr.ip().to_string());
+                let (client, connection) = self.config.connect_raw(stream, tls).await?;
                 let task = tokio::spawn(async move {
                     if let Err(e) = connection.await {
                         on_end(e);
@@ -170,6 +243,20 @@ impl Probe {
             ),
             _ => Observation::up(),
         }
+    }
+}
+
+/// The one-connection TLS connector for `host` (what `Config::connect` makes itself).
+fn raw_tls(
+    make: &tokio_postgres_rustls::MakeRustlsConnect,
+    host: &str,
+) -> <tokio_postgres_rustls::MakeRustlsConnect as MakeTlsConnect<TcpStream>>::TlsConnect {
+    let mut make = make.clone();
+    match <tokio_postgres_rustls::MakeRustlsConnect as MakeTlsConnect<TcpStream>>::make_tls_connect(
+        &mut make, host,
+    ) {
+        Ok(tls) => tls,
+        Err(never) => match never {},
     }
 }
 
