@@ -17,6 +17,15 @@ WARMUP=${WARMUP:-2}           # seconds sent before measuring (flows, caches)
 ROUNDS=${ROUNDS:-2}           # runs per target, alternating targets; the best is reported
 CLIENTS=${CLIENTS:-8}         # dnsperf clients (source ports, so flows)
 OUTSTANDING=${OUTSTANDING:-200}
+# The same CPU budget for every proxy: one-worker proxies run pinned to this one core
+# (dnsdist keeps a listener and a responder thread even when told one of each, so unpinned
+# it would get two cores); the two-worker row gets both. PIN_CPU= (empty) turns it off.
+PIN_CPU=${PIN_CPU-1}
+PIN=() # the command prefix that pins (set per proxy); taskset execs, so $! stays the proxy's PID
+pin_to() { # CPUS
+  PIN=()
+  if [ -n "$PIN_CPU" ] && command -v taskset >/dev/null; then PIN=(taskset -c "$1"); fi
+}
 
 log() { echo "[udp_compare] $*" >&2; }
 
@@ -108,7 +117,10 @@ pools:
   - name: dns
     backends: [{address: 127.0.0.1:$BACKEND_PORT}]
 EOF
-  "$SWITCHYARD" run -c "$WORK/switchyard-$2.yaml" --log-level warn >/dev/null 2>"$WORK/switchyard-$2.log" &
+  local cpus=$PIN_CPU
+  [ "$3" -gt 1 ] && cpus=0-$(($(nproc) - 1))
+  pin_to "$cpus"
+  "${PIN[@]}" "$SWITCHYARD" run -c "$WORK/switchyard-$2.yaml" --log-level warn >/dev/null 2>"$WORK/switchyard-$2.log" &
 }
 
 start_dnsdist() { # PORT (in the background)
@@ -117,7 +129,8 @@ setSecurityPollSuffix("")
 setLocal("127.0.0.1:$1")
 newServer({address="127.0.0.1:$BACKEND_PORT", checkName="test.example."})
 EOF
-  dnsdist --supervised --disable-syslog -C "$WORK/dnsdist.conf" >"$WORK/dnsdist.log" 2>&1 &
+  pin_to "$PIN_CPU"
+  "${PIN[@]}" dnsdist --supervised --disable-syslog -C "$WORK/dnsdist.conf" >"$WORK/dnsdist.log" 2>&1 &
 }
 
 start_nginx() { # PORT (in the background; master_process off: one process does the work)
@@ -140,7 +153,8 @@ stream {
   }
 }
 EOF
-  nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" >/dev/null 2>"$WORK/nginx/stderr.log" &
+  pin_to "$PIN_CPU"
+  "${PIN[@]}" nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" >/dev/null 2>"$WORK/nginx/stderr.log" &
 }
 
 # --- measuring ---------------------------------------------------------------------
@@ -201,6 +215,7 @@ done
 # --- report --------------------------------------------------------------------------
 echo
 echo "UDP DNS forwarding, $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)), Linux $(uname -r)"
+echo "One-worker proxies pinned to CPU ${PIN_CPU:-none} (taskset); the two-worker row uses every core."
 echo "dnsperf $(dnsperf -h 2>&1 | awk '/^Version/ {print $2; exit}') -c $CLIENTS -q $OUTSTANDING -T 1, ${DURATION}s per run, best of $ROUNDS; backend dnsmasq $(/usr/sbin/dnsmasq --version | awk 'NR==1 {print $3}'); dnsdist $(dnsdist --version | awk 'NR==1 {print $2}'); nginx $(nginx -v 2>&1 | sed 's|.*/||')"
 echo
 echo "| path | queries/s | p50 ms | p99 ms | lost | proxy CPU µs/query | load avg at start |"
