@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::access_log::{AccessLog, Record};
-use crate::backend::{ClientAddr, Health};
+use crate::backend::{BackendAddr, ClientAddr, Health};
 use crate::clock;
 use crate::config::{HashKey, OnBackendDown, MAX_RETRIES};
 use crate::forward::{self, ByteCounters};
@@ -221,7 +221,7 @@ pub async fn serve(
         route,
         pool,
         &prepared,
-        backend.map(|b| b.addr.to_string()),
+        backend.map(|b| b.addr),
         bytes,
         started,
         reason,
@@ -245,7 +245,7 @@ fn log_close(
     route: &Route,
     pool: &Pool,
     prepared: &route::Prepared,
-    backend: Option<String>,
+    backend: Option<BackendAddr>,
     (from_client, to_client): (u64, u64),
     started: Instant,
     reason: CloseReason,
@@ -256,7 +256,9 @@ fn log_close(
         pool = %pool.config.name,
         sni = prepared.sni().unwrap_or("-"),
         alpn = prepared.hello.as_ref().map(|h| h.alpn_list()).as_deref().unwrap_or("-"),
-        backend = backend.as_deref().unwrap_or("-"),
+        // Field values are only built when the line is enabled: no per-connection
+        // formatting at --log-level warn.
+        backend = backend.map_or_else(|| "-".to_string(), |b| b.to_string()),
         bytes_from_client = from_client,
         bytes_to_client = to_client,
         duration_ms = started.elapsed().as_millis() as u64,
