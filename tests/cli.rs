@@ -110,6 +110,19 @@ fn check_reports_a_missing_file() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent.yaml: cannot read"));
 }
 
+/// Kills a child we started, by its PID, when the test fails before it was stopped; forget
+/// the guard once the child has been waited for (its PID may then be reused).
+struct KillOnPanic(u32);
+
+impl Drop for KillOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let pid = nix::unistd::Pid::from_raw(self.0 as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
 /// Sends SIGTERM to a child we started, by its PID.
 fn terminate(child: &std::process::Child) {
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
@@ -141,6 +154,7 @@ async fn forward_mode_balances_over_the_given_backends_and_exits_0_on_sigterm() 
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
+    let guard = KillOnPanic(child.id());
     wait_listening(listen).await;
     let mut seen = Vec::new();
     for _ in 0..4 {
@@ -166,6 +180,7 @@ async fn forward_mode_balances_over_the_given_backends_and_exits_0_on_sigterm() 
     )
     .await
     .expect("join");
+    std::mem::forget(guard);
     assert!(status.0.success(), "exit status {:?}", status.0);
     // One JSON line per connection at close, with the fields an operator greps for.
     let closes: Vec<&str> = status
@@ -203,6 +218,7 @@ async fn run_subcommand_serves_a_config_file() {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn");
+        let guard = KillOnPanic(child.id());
         wait_listening(listen).await;
         let (name, mut s) = greet(TcpStream::connect(listen).await.expect("connect")).await;
         assert_eq!(name, "a");
@@ -215,6 +231,7 @@ async fn run_subcommand_serves_a_config_file() {
         .await
         .expect("join")
         .expect("wait");
+        std::mem::forget(guard);
         assert!(status.success());
     }
 }
