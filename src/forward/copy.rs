@@ -31,22 +31,32 @@ pub(super) async fn pump(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(PumpError::Read(e)),
         };
-        let mut written = 0;
-        while written < n {
-            dst.writable().await.map_err(PumpError::Write)?;
-            match dst.try_io(Interest::WRITABLE, || dst_write(dst, &buffer[written..n])) {
-                Ok(m) => {
-                    written += m;
-                    progress.add(m);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(PumpError::Write(e)),
-            }
-        }
+        write_rest(dst, &buffer[..n], 0, progress).await?;
     }
 }
 
-pub(super) fn dst_write(dst: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
+/// Writes `bytes[written..]` to `dst`, waiting for writability as needed.
+pub(super) async fn write_rest(
+    dst: &TcpStream,
+    bytes: &[u8],
+    mut written: usize,
+    progress: &Progress<'_>,
+) -> Result<(), PumpError> {
+    while written < bytes.len() {
+        dst.writable().await.map_err(PumpError::Write)?;
+        match dst.try_io(Interest::WRITABLE, || dst_write(dst, &bytes[written..])) {
+            Ok(m) => {
+                written += m;
+                progress.add(m);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(PumpError::Write(e)),
+        }
+    }
+    Ok(())
+}
+
+fn dst_write(dst: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
     match dst.try_write(bytes) {
         Ok(0) => Err(io::Error::new(
             io::ErrorKind::WriteZero,

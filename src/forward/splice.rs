@@ -20,7 +20,7 @@ use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use super::copy::dst_write;
+use super::copy::write_rest;
 use super::{half_close, Progress, PumpError};
 
 /// Requested pipe capacity; the kernel may grant less (pipe-max-size, per-user limits).
@@ -176,19 +176,9 @@ pub(super) async fn pump(
                 }
                 Received::Data { n, full } => (n, full),
             };
-            let mut written = send_now(dst, &buffer[..n])?;
+            let written = send_now(dst, &buffer[..n])?;
             progress.add(written);
-            while written < n {
-                dst.writable().await.map_err(PumpError::Write)?;
-                match dst.try_io(Interest::WRITABLE, || dst_write(dst, &buffer[written..n])) {
-                    Ok(m) => {
-                        written += m;
-                        progress.add(m);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    Err(e) => return Err(PumpError::Write(e)),
-                }
-            }
+            write_rest(dst, &buffer[..n], written, progress).await?;
             give_buffer(buffer);
             // A full buffer means a transfer is under way: splice it.
             splicing = full;
