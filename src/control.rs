@@ -91,6 +91,7 @@ impl Control {
         Control {
             shared,
             config_path,
+            handed_over: listeners.handed_over().clone(),
             listeners: tokio::sync::Mutex::new(listeners),
             addrs: ArcSwap::from_pointee(HashMap::new()),
             ready: AtomicBool::new(false),
@@ -101,7 +102,6 @@ impl Control {
                 ..ReloadStatus::default()
             }),
             access_log,
-            handed_over: CancellationToken::new(),
         }
     }
 

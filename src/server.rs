@@ -55,8 +55,10 @@ impl Server {
         let mut udp_bound = Vec::new();
         for l in &config.listeners {
             if l.protocol == Protocol::Udp {
-                // UDP sockets are bound anew, also on upgrade (see README, "Upgrades").
-                let b = UdpBound::bind(l)?;
+                let b = match takeover.as_mut().and_then(|t| t.take_udp(l)) {
+                    Some(sockets) => UdpBound::from_sockets(l, sockets)?,
+                    None => UdpBound::bind(l)?,
+                };
                 local_addrs.insert(l.name.clone(), b.local);
                 udp_bound.push(b);
                 continue;

@@ -1,11 +1,14 @@
 //! Zero-downtime binary upgrade by handing the listening sockets to the new process.
 //!
 //! The running process serves a unix socket (`admin.upgrade_socket`). A new process started
-//! with `--takeover PATH` connects to it and receives every listening socket (and the admin
-//! socket) as file descriptors (SCM_RIGHTS), with a JSON header naming them. It starts
-//! accepting on those very sockets, then answers `ready`; only then does the old process stop
-//! accepting and drain like on SIGTERM. The sockets never close and their accept queues are
-//! shared, so no connection attempt is refused or reset during the switch.
+//! with `--takeover PATH` connects to it and receives every listening socket, TCP and UDP
+//! (and the admin socket), as file descriptors (SCM_RIGHTS), with a JSON header naming them.
+//! It starts accepting and receiving on those very sockets, then answers `ready`; only then
+//! does the old process stop accepting and drain like on SIGTERM. The sockets never close
+//! and their accept queues and receive buffers are shared, so no connection attempt is
+//! refused or reset and no datagram is lost during the switch. A UDP listener of the old
+//! process stops reading its socket at once (datagrams of its open flows go to the new
+//! process, which starts flows for them) and relays backend replies until its flows end.
 //! Only the same user (or root) may connect: the socket file is mode 0600 and the peer's
 //! credentials are checked. This module owns the hand-over protocol and the one `unsafe`
 //! conversion it needs.
@@ -13,19 +16,21 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, IoSlice, IoSliceMut, Write};
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use nix::sys::socket::{
+    getsockopt, recvmsg, sendmsg, sockopt, ControlMessage, ControlMessageOwned, MsgFlags, SockType,
+};
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::config::ListenerConfig;
+use crate::config::{ListenerConfig, Protocol};
 use crate::control::Control;
 
 /// Most descriptors sent in one message (the kernel allows 253).
@@ -44,7 +49,27 @@ struct Header {
 struct Entry {
     name: String,
     bind: SocketAddr,
+    #[serde(default)]
+    protocol: Protocol,
     fds: usize,
+}
+
+/// One listener's sockets, as sent to a new process.
+pub struct Handed<'a> {
+    pub name: &'a str,
+    /// The address as configured (port 0 stays 0).
+    pub bind: SocketAddr,
+    pub protocol: Protocol,
+    pub sockets: Vec<BorrowedFd<'a>>,
+}
+
+/// One listener's sockets, as received from the old process.
+#[derive(Debug)]
+struct Received {
+    name: String,
+    bind: SocketAddr,
+    protocol: Protocol,
+    sockets: Vec<OwnedFd>,
 }
 
 /// Sockets received from the previous process, waiting to be claimed by listeners.
@@ -52,7 +77,7 @@ struct Entry {
 pub struct Takeover {
     stream: UnixStream,
     from_pid: u32,
-    listeners: Vec<(String, SocketAddr, Vec<std::net::TcpListener>)>,
+    listeners: Vec<Received>,
     admin: Option<(SocketAddr, std::net::TcpListener)>,
 }
 
@@ -63,19 +88,37 @@ impl Takeover {
             .with_context(|| format!("takeover: cannot connect to {}", path.display()))?;
         stream.set_read_timeout(Some(READY_TIMEOUT))?;
         let (header, mut fds) = receive(&stream)?;
-        let mut take = |n: usize| -> anyhow::Result<Vec<std::net::TcpListener>> {
-            if fds.len() < n {
+        let mut take = |e: &Entry| -> anyhow::Result<Vec<OwnedFd>> {
+            if fds.len() < e.fds {
                 bail!("takeover: fewer sockets received than announced");
             }
-            Ok(fds.drain(..n).map(std::net::TcpListener::from).collect())
+            let sockets: Vec<OwnedFd> = fds.drain(..e.fds).collect();
+            for s in &sockets {
+                let kind = getsockopt(s, sockopt::SockType)
+                    .with_context(|| format!("takeover: socket of listener {:?}", e.name))?;
+                if kind != sock_type(e.protocol) {
+                    bail!(
+                        "takeover: listener {:?} announced {:?} sockets, received {kind:?}",
+                        e.name,
+                        e.protocol
+                    );
+                }
+            }
+            Ok(sockets)
         };
         let mut listeners = Vec::new();
-        for e in header.listeners {
-            let sockets = take(e.fds)?;
-            listeners.push((e.name, e.bind, sockets));
+        for e in &header.listeners {
+            listeners.push(Received {
+                sockets: take(e)?,
+                name: e.name.clone(),
+                bind: e.bind,
+                protocol: e.protocol,
+            });
         }
-        let admin = match header.admin {
-            Some(e) => take(e.fds)?.pop().map(|s| (e.bind, s)),
+        let admin = match &header.admin {
+            Some(e) => take(e)?
+                .pop()
+                .map(|s| (e.bind, std::net::TcpListener::from(s))),
             None => None,
         };
         info!(
@@ -91,24 +134,47 @@ impl Takeover {
         })
     }
 
-    /// The sockets of the old listener with this name and bind address, or else of one with
-    /// the same (non-zero-port) bind address.
+    /// The TCP sockets of the old listener with this name and bind address, or else of one
+    /// with the same (non-zero-port) bind address.
     pub fn take_listener(&mut self, l: &ListenerConfig) -> Option<Vec<std::net::TcpListener>> {
-        let i = self
-            .listeners
-            .iter()
-            .position(|(n, b, _)| *n == l.name && *b == l.bind)
-            .or_else(|| {
-                self.listeners
-                    .iter()
-                    .position(|(_, b, _)| *b == l.bind && l.bind.port() != 0)
-            })?;
-        let (_, _, sockets) = self.listeners.remove(i);
+        let sockets: Vec<std::net::TcpListener> = self
+            .take(l, Protocol::Tcp)?
+            .into_iter()
+            .map(std::net::TcpListener::from)
+            .collect();
         for s in &sockets {
             // Shared with the old process; tokio needs it non-blocking (it already is).
             let _ = s.set_nonblocking(true);
         }
         Some(sockets)
+    }
+
+    /// The UDP sockets of the old listener with this name and bind address, or else of one
+    /// with the same (non-zero-port) bind address.
+    pub fn take_udp(&mut self, l: &ListenerConfig) -> Option<Vec<std::net::UdpSocket>> {
+        let sockets: Vec<std::net::UdpSocket> = self
+            .take(l, Protocol::Udp)?
+            .into_iter()
+            .map(std::net::UdpSocket::from)
+            .collect();
+        for s in &sockets {
+            let _ = s.set_nonblocking(true);
+        }
+        Some(sockets)
+    }
+
+    fn take(&mut self, l: &ListenerConfig, protocol: Protocol) -> Option<Vec<OwnedFd>> {
+        let same = |r: &Received| r.protocol == protocol && r.bind == l.bind;
+        let i = self
+            .listeners
+            .iter()
+            .position(|r| same(r) && r.name == l.name)
+            .or_else(|| {
+                self.listeners
+                    .iter()
+                    .position(|r| same(r) && l.bind.port() != 0)
+            })?;
+        Some(self.listeners.remove(i).sockets)
     }
 
     /// The old admin socket, when it was bound to the same address.
@@ -128,7 +194,7 @@ impl Takeover {
     /// Tells the old process that this one accepts; it then stops accepting and drains.
     fn finish(mut self) -> anyhow::Result<()> {
         if !self.listeners.is_empty() {
-            let names: Vec<&str> = self.listeners.iter().map(|(n, _, _)| n.as_str()).collect();
+            let names: Vec<&str> = self.listeners.iter().map(|r| r.name.as_str()).collect();
             info!(
                 ?names,
                 "sockets of listeners no longer configured are closed"
@@ -139,6 +205,13 @@ impl Takeover {
             .context("takeover: tell the old process")?;
         info!(old_pid = self.from_pid, "took over; the old process drains");
         Ok(())
+    }
+}
+
+fn sock_type(protocol: Protocol) -> SockType {
+    match protocol {
+        Protocol::Tcp => SockType::Stream,
+        Protocol::Udp => SockType::Datagram,
     }
 }
 
@@ -195,7 +268,7 @@ fn receive(stream: &UnixStream) -> anyhow::Result<(Header, Vec<OwnedFd>)> {
 /// Sends the header and the descriptors of every running listener and the admin socket.
 fn send(
     stream: &UnixStream,
-    listeners: &[(String, SocketAddr, Vec<&std::net::TcpListener>)],
+    listeners: &[Handed<'_>],
     admin: Option<&std::net::TcpListener>,
 ) -> anyhow::Result<()> {
     let mut fds: Vec<RawFd> = Vec::new();
@@ -204,18 +277,20 @@ fn send(
         listeners: Vec::new(),
         admin: None,
     };
-    for (name, bind, sockets) in listeners {
+    for l in listeners {
         header.listeners.push(Entry {
-            name: name.clone(),
-            bind: *bind,
-            fds: sockets.len(),
+            name: l.name.to_string(),
+            bind: l.bind,
+            protocol: l.protocol,
+            fds: l.sockets.len(),
         });
-        fds.extend(sockets.iter().map(|s| s.as_raw_fd()));
+        fds.extend(l.sockets.iter().map(|s| s.as_raw_fd()));
     }
     if let Some(a) = admin {
         header.admin = Some(Entry {
             name: "admin".into(),
             bind: a.local_addr()?,
+            protocol: Protocol::Tcp,
             fds: 1,
         });
         fds.push(a.as_raw_fd());
@@ -338,7 +413,7 @@ async fn hand_over(
         send(&stream, &listeners, admin.as_deref())?;
         let names: HashMap<&str, usize> = listeners
             .iter()
-            .map(|(n, _, s)| (n.as_str(), s.len()))
+            .map(|l| (l.name, l.sockets.len()))
             .collect();
         info!(
             ?names,
@@ -361,6 +436,11 @@ async fn hand_over(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
+
+    fn fds(sockets: &[std::net::TcpListener]) -> Vec<BorrowedFd<'_>> {
+        sockets.iter().map(|s| s.as_fd()).collect()
+    }
 
     #[test]
     fn sockets_and_header_cross_a_unix_socket_in_several_messages() {
@@ -369,34 +449,61 @@ mod tests {
         let sockets: Vec<std::net::TcpListener> = (0..FDS_PER_MESSAGE + 10)
             .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
             .collect();
+        let datagram = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind udp");
         let admin = std::net::TcpListener::bind("127.0.0.1:0").expect("bind admin");
         let bind: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        let handed = |name, protocol, sockets| Handed {
+            name,
+            bind,
+            protocol,
+            sockets,
+        };
         let listeners = vec![
-            ("one".to_string(), bind, sockets[..3].iter().collect()),
-            ("many".to_string(), bind, sockets[3..].iter().collect()),
+            handed("one", Protocol::Tcp, fds(&sockets[..3])),
+            handed("dns", Protocol::Udp, vec![datagram.as_fd()]),
+            handed("many", Protocol::Tcp, fds(&sockets[3..])),
         ];
         let (header, fds) = std::thread::scope(|scope| {
             scope.spawn(|| send(&a, &listeners, Some(&admin)).expect("send"));
             receive(&b).expect("receive")
         });
         assert_eq!(header.pid, std::process::id());
-        assert_eq!(header.listeners.len(), 2);
-        assert_eq!(header.listeners[0].name, "one");
-        assert_eq!(header.listeners[0].fds, 3);
-        assert_eq!(header.listeners[1].fds, FDS_PER_MESSAGE + 7);
-        assert_eq!(fds.len(), FDS_PER_MESSAGE + 11);
-        // Each received descriptor is the same socket as the one sent, in order.
-        let received: Vec<std::net::TcpListener> =
-            fds.into_iter().map(std::net::TcpListener::from).collect();
-        for (sent, got) in sockets.iter().zip(&received) {
-            assert_eq!(
-                sent.local_addr().expect("addr"),
-                got.local_addr().expect("addr")
-            );
-        }
+        let entries: Vec<(&str, Protocol, usize)> = header
+            .listeners
+            .iter()
+            .map(|e| (e.name.as_str(), e.protocol, e.fds))
+            .collect();
         assert_eq!(
-            received.last().expect("admin").local_addr().expect("addr"),
-            admin.local_addr().expect("addr")
+            entries,
+            [
+                ("one", Protocol::Tcp, 3),
+                ("dns", Protocol::Udp, 1),
+                ("many", Protocol::Tcp, FDS_PER_MESSAGE + 7)
+            ]
+        );
+        assert_eq!(fds.len(), FDS_PER_MESSAGE + 12);
+        // Each received descriptor is the same socket as the one sent, in order.
+        let addr = |fd: &OwnedFd| {
+            nix::sys::socket::getsockname::<nix::sys::socket::SockaddrIn>(fd.as_raw_fd())
+                .expect("getsockname")
+                .port()
+        };
+        let sent_ports: Vec<u16> = sockets[..3]
+            .iter()
+            .map(|s| s.local_addr().expect("addr").port())
+            .chain([datagram.local_addr().expect("addr").port()])
+            .chain(
+                sockets[3..]
+                    .iter()
+                    .map(|s| s.local_addr().expect("addr").port()),
+            )
+            .chain([admin.local_addr().expect("addr").port()])
+            .collect();
+        let got_ports: Vec<u16> = fds.iter().map(addr).collect();
+        assert_eq!(got_ports, sent_ports);
+        assert_eq!(
+            getsockopt(&fds[3], sockopt::SockType).expect("type"),
+            SockType::Datagram
         );
         assert_eq!(
             header.admin.expect("admin entry").bind,

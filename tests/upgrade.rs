@@ -1,6 +1,6 @@
 //! The binary as operators run it: SIGHUP reloads the config file, and a zero-downtime
 //! binary upgrade hands the listening sockets to a new process (`--takeover`) while clients
-//! keep connecting: not one connection attempt fails.
+//! keep connecting: not one connection attempt fails, and not one UDP query is lost.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -17,7 +17,7 @@ use common::*;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UdpSocket};
 
 /// A port that was free a moment ago (the processes under test need a known address).
 fn free_addr() -> SocketAddr {
@@ -261,4 +261,138 @@ async fn sighup_reloads_the_config_file_and_a_bad_file_changes_nothing() {
 
     signal(&child, Signal::SIGTERM);
     assert_eq!(exited(&mut child).await, Some(0));
+}
+
+/// A UDP echo server on a free loopback port.
+async fn udp_echo() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut buf = vec![0u8; 2048];
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            let _ = socket.send_to(&buf[..n], from).await;
+        }
+    });
+    (addr, task)
+}
+
+/// Sends one query from `socket` and waits for its echo, without resending: a datagram
+/// lost anywhere on the way is a failure.
+async fn one_query(socket: &UdpSocket, to: SocketAddr, query: &[u8]) -> Result<(), String> {
+    socket
+        .send_to(query, to)
+        .await
+        .map_err(|e| format!("send: {e}"))?;
+    let mut buf = [0u8; 64];
+    match tokio::time::timeout(Duration::from_secs(2), socket.recv(&mut buf)).await {
+        Err(_) => Err("no answer within 2s".into()),
+        Ok(Err(e)) => Err(format!("recv: {e}")),
+        Ok(Ok(n)) if &buf[..n] == query => Ok(()),
+        Ok(Ok(n)) => Err(format!("answer differs: {:?}", &buf[..n])),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_upgrade_hands_udp_sockets_over_and_loses_no_datagram() {
+    let (backend, _backend_task) = udp_echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_addr();
+    let listen = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let socket = dir.path().join("upgrade.sock");
+    let config = dir.path().join("switchyard.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "admin:\n  bind: \"{admin}\"\n  upgrade_socket: {}\nlisteners:\n  - name: dns\n    bind: \"{listen}\"\n    protocol: udp\n    pool: dns\n    reuse_port: true\n    accept_tasks: 2\n    udp: {{ idle_timeout: 1s }}\npools:\n  - name: dns\n    backends: [{{ address: \"{backend}\" }}]\n",
+            socket.display(),
+        ),
+    )
+    .unwrap();
+    let (old_log, new_log) = (dir.path().join("old.log"), dir.path().join("new.log"));
+    let mut old = spawn(&config, &old_log, &[]);
+    ready(admin, &old_log).await;
+
+    // Clients query through the whole switch, bounded in count and time. Three take a new
+    // port (a new flow) for every query; one keeps its port, so its flow starts in the old
+    // process and its datagrams then go to the new one. A query is sent once: one lost
+    // datagram is a failure.
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let mut clients = Vec::new();
+    for c in 0..4u32 {
+        let (stop, ok, failed) = (Arc::clone(&stop), Arc::clone(&ok), Arc::clone(&failed));
+        clients.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let mut kept = None;
+            let mut n = 0u32;
+            while !stop.load(Ordering::Relaxed)
+                && n < 20_000
+                && started.elapsed() < Duration::from_secs(40)
+            {
+                n += 1;
+                if c > 0 || kept.is_none() {
+                    kept = Some(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+                    // Each new port is a flow for a second: paced, so they stay far below
+                    // max_flows.
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                let Some(client) = &kept else { break };
+                let query = format!("client {c} query {n}");
+                match one_query(client, listen, query.as_bytes()).await {
+                    Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        eprintln!("{query}: {e}");
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        }));
+    }
+    let wait_ok = |at_least: u64| {
+        let ok = Arc::clone(&ok);
+        async move {
+            within("client progress", async {
+                while ok.load(Ordering::Relaxed) < at_least {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+            .await
+        }
+    };
+    wait_ok(200).await;
+
+    let mut new = spawn(&config, &new_log, &["--takeover", socket.to_str().unwrap()]);
+    let code = exited(&mut old).await;
+    assert_eq!(
+        code,
+        Some(0),
+        "old process log:\n{}",
+        std::fs::read_to_string(&old_log).unwrap_or_default()
+    );
+    let after_switch = ok.load(Ordering::Relaxed);
+    wait_ok(after_switch + 300).await;
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        within("client", c).await.unwrap();
+    }
+
+    let new_text = std::fs::read_to_string(&new_log).unwrap();
+    assert!(
+        new_text.contains("received listening sockets"),
+        "{new_text}"
+    );
+    let total_ok = ok.load(Ordering::Relaxed);
+    let total_failed = failed.load(Ordering::Relaxed);
+    eprintln!(
+        "udp upgrade: {total_ok} queries answered ({after_switch} before the old process exited), {total_failed} lost"
+    );
+    assert_eq!(total_failed, 0, "no query was lost");
+    let status = get(admin, "/api/v1/status").await.json();
+    assert_eq!(status["pid"], new.id());
+    signal(&new, Signal::SIGTERM);
+    assert_eq!(exited(&mut new).await, Some(0));
 }

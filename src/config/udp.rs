@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::file::ListenerSection;
 use super::{ConfigError, Ctx};
@@ -20,7 +20,7 @@ pub const DEFAULT_UDP_BATCH: usize = 32;
 pub const MAX_UDP_BATCH: usize = 64;
 
 /// A listener's transport.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Protocol {
     #[default]

@@ -8,6 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -24,6 +25,7 @@ use crate::conn::ListenerCtx;
 use crate::listener::tcp::{self, AcceptLoop};
 use crate::listener::udp::{self, UdpLoop};
 use crate::state::Shared;
+use crate::upgrade::Handed;
 
 /// Sockets of one listener, bound but not yet accepting.
 #[derive(Debug)]
@@ -72,6 +74,8 @@ pub struct UdpBound {
     pub bind: SocketAddr,
     pub local: SocketAddr,
     pub sockets: Vec<std::net::UdpSocket>,
+    /// Duplicates, kept for handing the sockets to a new process on upgrade.
+    pub dups: Vec<std::net::UdpSocket>,
 }
 
 impl UdpBound {
@@ -83,17 +87,31 @@ impl UdpBound {
                 config.name, config.bind
             )
         })?;
+        UdpBound::from_sockets(config, sockets)
+    }
+
+    /// Wraps sockets bound elsewhere (taken over from a previous process).
+    pub fn from_sockets(
+        config: &ListenerConfig,
+        sockets: Vec<std::net::UdpSocket>,
+    ) -> anyhow::Result<UdpBound> {
         let local = sockets
             .first()
             .map(|s| s.local_addr())
             .transpose()
             .with_context(|| format!("listener \"{}\": local address", config.name))?
             .with_context(|| format!("listener \"{}\": no socket", config.name))?;
+        let dups = sockets
+            .iter()
+            .map(|s| s.try_clone())
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| format!("listener \"{}\": dup socket", config.name))?;
         Ok(UdpBound {
             name: config.name.clone(),
             bind: config.bind,
             local,
             sockets,
+            dups,
         })
     }
 }
@@ -102,9 +120,10 @@ impl UdpBound {
 struct UdpRunning {
     bind: SocketAddr,
     local: SocketAddr,
-    sockets: usize,
     /// Fires when the listener is removed or the balancer stops: no new flows.
     stop: CancellationToken,
+    /// Duplicates of the sockets, for handing them to a new process on upgrade.
+    dups: Vec<std::net::UdpSocket>,
 }
 
 /// One listener that is accepting.
@@ -139,6 +158,8 @@ pub struct ListenerSet {
     shared: Arc<Shared>,
     tracker: TaskTracker,
     close_all: CancellationToken,
+    /// Fires once a new process has taken the sockets over (UDP loops stop reading).
+    handed_over: CancellationToken,
     access_log: AccessLog,
     running: HashMap<String, Running>,
     udp: HashMap<String, UdpRunning>,
@@ -155,6 +176,7 @@ impl ListenerSet {
             shared,
             tracker,
             close_all,
+            handed_over: CancellationToken::new(),
             access_log,
             running: HashMap::new(),
             udp: HashMap::new(),
@@ -177,11 +199,17 @@ impl ListenerSet {
                 name.clone(),
                 ListenerInfo {
                     local: r.local,
-                    sockets: r.sockets,
+                    sockets: r.dups.len(),
                 },
             )
         });
         tcp.chain(udp).collect()
+    }
+
+    /// Fires once a new process has taken the sockets over: UDP loops stop reading their
+    /// sockets, which the new process now reads.
+    pub fn handed_over(&self) -> &CancellationToken {
+        &self.handed_over
     }
 
     /// Starts receiving on a UDP listener's sockets, one flow loop per socket.
@@ -202,6 +230,7 @@ impl ListenerSet {
                     tasks,
                     stop: stop.clone(),
                     close_all: self.close_all.clone(),
+                    handed_over: self.handed_over.clone(),
                     access_log: self.access_log.clone(),
                 }
                 .run(),
@@ -212,18 +241,28 @@ impl ListenerSet {
             UdpRunning {
                 bind: bound.bind,
                 local: bound.local,
-                sockets: tasks,
                 stop,
+                dups: bound.dups,
             },
         );
     }
 
-    /// The listening sockets by listener name and configured bind address (upgrade).
-    pub fn sockets(&self) -> Vec<(String, SocketAddr, Vec<&std::net::TcpListener>)> {
-        self.running
-            .iter()
-            .map(|(name, r)| (name.clone(), r.bind, r.dups.iter().collect()))
-            .collect()
+    /// The listening sockets, TCP and UDP, by listener name and configured bind address
+    /// (upgrade).
+    pub fn sockets(&self) -> Vec<Handed<'_>> {
+        let tcp = self.running.iter().map(|(name, r)| Handed {
+            name,
+            bind: r.bind,
+            protocol: Protocol::Tcp,
+            sockets: r.dups.iter().map(|s| s.as_fd()).collect(),
+        });
+        let udp = self.udp.iter().map(|(name, r)| Handed {
+            name,
+            bind: r.bind,
+            protocol: Protocol::Udp,
+            sockets: r.dups.iter().map(|s| s.as_fd()).collect(),
+        });
+        tcp.chain(udp).collect()
     }
 
     /// Starts accepting on `bound` with at most `max_connections` open at once.

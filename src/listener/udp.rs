@@ -65,9 +65,9 @@ pub fn bind(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::UdpSocke
 
 /// Binds `tasks` sockets to `addr`, all with SO_REUSEPORT: with several, the kernel keeps
 /// each client address on one socket, so each task's flow table sees all of a client's
-/// datagrams; and a new binary can bind next to the running one during an upgrade, since
-/// UDP sockets are not handed over (HAProxy sets SO_REUSEPORT by default too). With port 0,
-/// the first socket's port is used for the others.
+/// datagrams; and a process started without `--takeover` can bind next to a running one
+/// (HAProxy sets SO_REUSEPORT by default too). With port 0, the first socket's port is used
+/// for the others.
 pub fn bind_all(addr: SocketAddr, tasks: usize) -> io::Result<Vec<std::net::UdpSocket>> {
     let first = bind(addr, true)?;
     let bound = first.local_addr()?;
@@ -89,6 +89,9 @@ pub struct UdpLoop {
     pub stop: CancellationToken,
     /// Fires when the shutdown grace period ends: every flow ends now.
     pub close_all: CancellationToken,
+    /// Fires when a new process has taken the socket over: stop reading it (the new
+    /// process reads every datagram from then on) and relay replies until the flows end.
+    pub handed_over: CancellationToken,
     /// One record per flow at its end, written off the data path.
     pub access_log: AccessLog,
 }
@@ -112,6 +115,7 @@ struct Flow {
 enum Wake<'a> {
     Close,
     Stop,
+    HandedOver,
     Tick,
     Clients(io::Result<()>),
     Replies(io::Result<AsyncFdReadyGuard<'a, EpollSet>>),
@@ -210,14 +214,19 @@ impl UdpLoop {
         // sockets take turns going first so neither starves the other.
         let closed = self.close_all.cancelled();
         let stopping = self.stop.cancelled();
-        tokio::pin!(closed, stopping);
+        let handed_over = self.handed_over.cancelled();
+        tokio::pin!(closed, stopping, handed_over);
         let mut replies_first = false;
+        let mut reading_clients = true;
         loop {
             replies_first = !replies_first;
             let draining = flows.draining;
             let wake = std::future::poll_fn(|cx| {
                 if closed.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Wake::Close);
+                }
+                if reading_clients && handed_over.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Wake::HandedOver);
                 }
                 if !draining && stopping.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Wake::Stop);
@@ -230,8 +239,10 @@ impl UdpLoop {
                         if let Poll::Ready(r) = epoll.poll_read_ready(cx) {
                             return Poll::Ready(Wake::Replies(r));
                         }
-                    } else if let Poll::Ready(r) = socket.poll_recv_ready(cx) {
-                        return Poll::Ready(Wake::Clients(r));
+                    } else if reading_clients {
+                        if let Poll::Ready(r) = socket.poll_recv_ready(cx) {
+                            return Poll::Ready(Wake::Clients(r));
+                        }
                     }
                 }
                 Poll::Pending
@@ -239,7 +250,9 @@ impl UdpLoop {
             .await;
             match wake {
                 Wake::Close => break,
-                Wake::Stop => {
+                Wake::Stop | Wake::HandedOver => {
+                    // Handed over: the new process reads the socket from now on.
+                    reading_clients = !self.handed_over.is_cancelled();
                     flows.draining = true;
                     if flows.table.is_empty() {
                         break;
