@@ -28,11 +28,12 @@ struct Member {
 
 impl Member {
     fn start(role: &str, legacy: bool) -> Member {
+        Member::start_with(role, if legacy { &["--legacy"] } else { &[] })
+    }
+
+    fn start_with(role: &str, flags: &[&str]) -> Member {
         let mut cmd = Command::new("python3");
-        cmd.arg(SCRIPT).arg(role);
-        if legacy {
-            cmd.arg("--legacy");
-        }
+        cmd.arg(SCRIPT).arg(role).args(flags);
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -89,9 +90,14 @@ impl Drop for Member {
 
 /// pymongo's `hello` through `addr`: (isWritablePrimary, setName) as printed by Python.
 async fn pymongo_hello(addr: SocketAddr) -> String {
+    pymongo_hello_with(addr, "").await
+}
+
+/// [`pymongo_hello`] with more `MongoClient` arguments.
+async fn pymongo_hello_with(addr: SocketAddr, client_args: &str) -> String {
     let program = format!(
         "import pymongo\n\
-         c = pymongo.MongoClient('{addr}', directConnection=True, serverSelectionTimeoutMS=10000)\n\
+         c = pymongo.MongoClient('{addr}', directConnection=True, serverSelectionTimeoutMS=10000{client_args})\n\
          r = c.admin.command('hello')\n\
          print(r.get('isWritablePrimary'), r.get('secondary'), r.get('setName'))\n"
     );
@@ -221,5 +227,59 @@ pools:
                 ("state", "standby")
             ]
         ) >= 1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongodb_check_speaks_tls_to_members_that_require_it() {
+    let secure = Member::start_with("primary", &["--tls"]);
+    let plain = Member::start("primary", false);
+    let check = "interval: 500ms, timeout: 500ms, rise: 1, fall: 1";
+    let (a1, a2) = (secure.addr, plain.addr);
+    let yaml = format!(
+        r#"
+listeners:
+  - {{ name: write, bind: "127.0.0.1:0", pool: rs-tls }}
+pools:
+  - name: rs-tls
+    health_check: {{ type: mongodb, {check}, mongodb: {{ role: primary, replica_set: rs0, tls: true }} }}
+    backends: [ {{ name: secure, address: "{a1}" }} ]
+  - name: tls-to-plain
+    health_check: {{ type: mongodb, {check}, mongodb: {{ tls: true }} }}
+    backends: [ {{ name: plain, address: "{a2}" }} ]
+"#
+    );
+    let lb = Balancer::start(&yaml).await;
+    wait_status(&lb, "rs-tls", "secure", HealthStatus::UP).await;
+    // A TLS check against a plaintext member fails its handshake: down, for a reason
+    // other than "not checked yet".
+    let state = lb
+        .shared
+        .backend_state("tls-to-plain", "plain")
+        .expect("plain");
+    let deadline = Instant::now() + LIMIT;
+    while state.status() == HealthStatus::down(DownReason::Pending) {
+        assert!(
+            Instant::now() < deadline,
+            "the plaintext member was never checked"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let seen = state.status();
+    eprintln!("tls check against a plaintext member: {}", seen.describe());
+    assert_eq!(
+        seen.health,
+        switchyard::backend::Health::Down,
+        "{}",
+        seen.describe()
+    );
+    // The balancer passes TLS through: the driver's own TLS session reaches the member.
+    assert_eq!(
+        pymongo_hello_with(
+            lb.addr("write"),
+            ", tls=True, tlsAllowInvalidCertificates=True"
+        )
+        .await,
+        "True False rs0"
     );
 }

@@ -137,6 +137,7 @@ pub struct PostgresSection {
 pub struct MongoSection {
     pub role: Option<MongoRole>,
     pub replica_set: Option<String>,
+    pub tls: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -237,6 +238,8 @@ pub struct PostgresCheck {
 pub struct MongoCheck {
     pub role: MongoRole,
     pub replica_set: Option<String>,
+    /// Speak TLS (for `net.tls.mode: requireTLS` members); the certificate is not verified.
+    pub tls: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -380,6 +383,7 @@ pub(super) fn validate(
             let m = s.mongodb.unwrap_or(MongoSection {
                 role: None,
                 replica_set: None,
+                tls: None,
             });
             if let Some(rs) = &m.replica_set {
                 if rs.trim().is_empty() {
@@ -392,6 +396,7 @@ pub(super) fn validate(
             CheckKind::Mongodb(MongoCheck {
                 role: m.role.unwrap_or(MongoRole::Any),
                 replica_set: m.replica_set,
+                tls: m.tls.unwrap_or(false),
             })
         }
         CheckType::Udp => {

@@ -333,3 +333,23 @@ fn checks_behind_a_proxy_protocol_listener_are_noted() {
     )
     .is_empty());
 }
+
+#[test]
+fn mongodb_tls_is_off_unless_asked_for() {
+    let kind = |extra: &str| {
+        let config = Config::from_yaml(&config(extra), "config.yaml").expect("valid");
+        match config.pools[0].health_check.as_ref().map(|h| &h.kind) {
+            Some(CheckKind::Mongodb(m)) => m.tls,
+            other => panic!("not a mongodb check: {other:?}"),
+        }
+    };
+    assert!(!kind("    health_check: {type: mongodb}\n"));
+    assert!(kind(
+        "    health_check: {type: mongodb, mongodb: {tls: true}}\n"
+    ));
+    let e = err("    health_check: {type: mongodb, mongodb: {tls: required}}\n");
+    assert!(
+        e.contains("pools[0].health_check.mongodb.tls: invalid type: string \"required\", expected a boolean"),
+        "{e}"
+    );
+}

@@ -4,12 +4,16 @@
 //! matched against the pool's role and replica set: a healthy member in the other role is
 //! `standby`; an arbiter or a member of another set is down (wrong role). The handful of
 //! BSON this needs (one small command out, top-level fields in) is written here by hand.
-//! With `proxy_protocol`, a PROXY LOCAL header is written right after connecting.
+//! With `proxy_protocol`, a PROXY LOCAL header is written right after connecting; with
+//! `tls`, the TLS handshake follows it (see `health::tls`: encrypted, not verified).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
 use super::Observation;
 use crate::backend::{DownReason, HealthStatus};
@@ -21,12 +25,18 @@ const MAX_REPLY: usize = 1 << 20;
 /// MongoDB's CommandNotFound error code.
 const COMMAND_NOT_FOUND: i32 = 59;
 
+/// The monitoring connection: plain TCP, or TLS over it.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
 pub struct Probe {
     addr: SocketAddr,
     check: MongoCheck,
     /// PROXY LOCAL header written right after connecting, before any OP_MSG.
     proxy_header: Option<Vec<u8>>,
-    stream: Option<TcpStream>,
+    /// Set when the check speaks TLS.
+    tls: Option<TlsConnector>,
+    stream: Option<Box<dyn Stream>>,
     /// The server answered `hello` with "no such command": use `isMaster`.
     legacy: bool,
     request_id: i32,
@@ -34,10 +44,14 @@ pub struct Probe {
 
 impl Probe {
     pub fn new(addr: SocketAddr, check: MongoCheck, proxy_header: Option<Vec<u8>>) -> Probe {
+        let tls = check
+            .tls
+            .then(|| TlsConnector::from(Arc::new(super::tls::client_config())));
         Probe {
             addr,
             check,
             proxy_header,
+            tls,
             stream: None,
             legacy: false,
             request_id: 0,
@@ -87,7 +101,17 @@ impl Probe {
                     .await
                     .map_err(|e| io("send PROXY header", e))?;
             }
-            self.stream = Some(s);
+            self.stream = Some(match &self.tls {
+                None => Box::new(s),
+                Some(tls) => {
+                    let name = ServerName::IpAddress(self.addr.ip().into());
+                    Box::new(
+                        tls.connect(name, s)
+                            .await
+                            .map_err(|e| io("TLS handshake", e))?,
+                    )
+                }
+            });
         }
         self.request_id = self.request_id.wrapping_add(1);
         let name = if self.legacy { "isMaster" } else { "hello" };
@@ -381,16 +405,19 @@ mod tests {
         let any = MongoCheck {
             role: MongoRole::Any,
             replica_set: Some("rs0".into()),
+            tls: false,
         };
         assert_eq!(judge(&any, &f).status, HealthStatus::UP);
         let primary = MongoCheck {
             role: MongoRole::Primary,
             replica_set: None,
+            tls: false,
         };
         assert_eq!(judge(&primary, &f).status, HealthStatus::STANDBY);
         let other_set = MongoCheck {
             role: MongoRole::Any,
             replica_set: Some("rs1".into()),
+            tls: false,
         };
         assert_eq!(
             judge(&other_set, &f).status,

@@ -1,7 +1,8 @@
-//! TLS for monitoring connections (Postgres `sslmode: prefer | require`): encryption without
-//! certificate verification. A health check reads a role from the server and never carries
-//! client data, so it accepts any certificate, as libpq's `sslmode=require` does; handshake
-//! signatures are still checked, so the session keys belong to whoever holds the key.
+//! TLS for monitoring connections (Postgres `sslmode: prefer | require`, MongoDB
+//! `tls: true`): encryption without certificate verification. A health check reads a role
+//! from the server and never carries client data, so it accepts any certificate, as libpq's
+//! `sslmode=require` does; handshake signatures are still checked, so the session keys belong
+//! to whoever holds the key.
 
 use std::sync::Arc;
 

@@ -1,10 +1,12 @@
 """A MongoDB replica-set member played by mockupdb (the MongoDB Python driver team's
 wire-protocol test server), for Switchyard's mongodb health-check tests.
 
-Usage: mongo_mock.py ROLE [--legacy]
+Usage: mongo_mock.py ROLE [--legacy] [--tls]
   ROLE: primary | secondary | arbiter
   --legacy: answer `hello` with CommandNotFound, as servers before 4.4.2 do; only the
             legacy `isMaster` works.
+  --tls:    speak only TLS (mockupdb's own test certificate), as a member with
+            net.tls.mode requireTLS does.
 Prints "port N" once listening. Then reads commands from stdin, one per line:
   primary | secondary | arbiter   switch the role and print "ok"
   stats                           print "hello=N ismaster=M" (commands answered so far)
@@ -21,7 +23,7 @@ SET_NAME = "rs0"
 def main():
     state = {"role": sys.argv[1], "legacy": "--legacy" in sys.argv[2:], "hello": 0, "ismaster": 0}
     lock = threading.Lock()
-    server = MockupDB(port=None)
+    server = MockupDB(port=None, ssl="--tls" in sys.argv[2:])
 
     def describe(role):
         doc = {
