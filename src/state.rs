@@ -12,7 +12,7 @@ use arc_swap::ArcSwap;
 use crate::backend::{Backend, BackendState, Breaker};
 use crate::balance::Balancer;
 use crate::config::{Config, HashKey, ListenerConfig, PoolConfig};
-use crate::metrics::{BackendMetrics, ListenerMetrics, Metrics, PoolMetrics};
+use crate::metrics::{BackendMetrics, ListenerMetrics, Metrics, PoolMetrics, Removed};
 
 /// One pool as built from the config: backends in config order, their metric handles
 /// (same order), and the balancer over them.
@@ -89,6 +89,8 @@ impl Shared {
         let previous = self.snapshot.swap(Arc::clone(&snapshot));
         crate::health::close_removed(&previous, &snapshot);
         self.health.sync(&snapshot, &self.metrics);
+        // After the probers of removed backends have been stopped, so none re-adds a series.
+        self.metrics.forget(&removed(&previous, &snapshot));
     }
 
     /// Live state of a backend, if the current config has it.
@@ -100,6 +102,28 @@ impl Shared {
             .find(|b| &*b.name == backend)
             .map(|b| Arc::clone(&b.state))
     }
+}
+
+/// Listeners, pools and backends `previous` has and `current` does not.
+fn removed(previous: &Snapshot, current: &Snapshot) -> Removed {
+    let mut removed = Removed::default();
+    for name in previous.routes.keys() {
+        if !current.routes.contains_key(name) {
+            removed.listeners.insert(name.clone());
+        }
+    }
+    for (name, pool) in &previous.pools {
+        let Some(now) = current.pools.get(name) else {
+            removed.pools.insert(name.clone());
+            continue;
+        };
+        for b in &pool.backends {
+            if !now.backends.iter().any(|n| n.name == b.name) {
+                removed.backends.insert((name.clone(), b.name.to_string()));
+            }
+        }
+    }
+    removed
 }
 
 fn build(

@@ -589,6 +589,14 @@ async fn reload_adds_removes_and_renames_listeners_without_cutting_connections()
     }
     let s = lb.control.reload_status();
     assert_eq!((s.ok, s.failed), (1, 0));
+    // Removed and renamed-away names leave /metrics; the new ones are there.
+    let text = lb.shared.metrics.encode_text();
+    for gone in ["listener=\"one\"", "listener=\"two\""] {
+        assert!(!text.contains(gone), "{gone} still exported:\n{text}");
+    }
+    for kept in ["listener=\"uno\"", "listener=\"three\""] {
+        assert!(text.contains(kept), "{kept} missing:\n{text}");
+    }
 }
 
 /// A UDP echo server on 127.0.0.1:0.
@@ -880,6 +888,18 @@ async fn reload_closes_connections_of_removed_backends_only_in_close_connections
     }
     assert_eq!(backend_of(lb.addr("lc")).await, "b");
     assert_eq!(backend_of(lb.addr("lk")).await, "d");
+    // The removed backends' series leave /metrics; the kept one keeps its count.
+    let text = lb.shared.metrics.encode_text();
+    for gone in ["backend=\"a\"", "backend=\"c\""] {
+        assert!(!text.contains(gone), "{gone} still exported:\n{text}");
+    }
+    assert_eq!(
+        lb.counter(
+            "switchyard_backend_connect_attempts_total",
+            &[("pool", "pc"), ("backend", "b")]
+        ),
+        2
+    );
 }
 
 #[tokio::test]
