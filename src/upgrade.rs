@@ -137,30 +137,20 @@ impl Takeover {
     /// The TCP sockets of the old listener with this name and bind address, or else of one
     /// with the same (non-zero-port) bind address.
     pub fn take_listener(&mut self, l: &ListenerConfig) -> Option<Vec<std::net::TcpListener>> {
-        let sockets: Vec<std::net::TcpListener> = self
-            .take(l, Protocol::Tcp)?
-            .into_iter()
-            .map(std::net::TcpListener::from)
-            .collect();
-        for s in &sockets {
-            // Shared with the old process; tokio needs it non-blocking (it already is).
-            let _ = s.set_nonblocking(true);
-        }
-        Some(sockets)
+        let sockets = self.take(l, Protocol::Tcp)?;
+        Some(
+            sockets
+                .into_iter()
+                .map(std::net::TcpListener::from)
+                .collect(),
+        )
     }
 
     /// The UDP sockets of the old listener with this name and bind address, or else of one
     /// with the same (non-zero-port) bind address.
     pub fn take_udp(&mut self, l: &ListenerConfig) -> Option<Vec<std::net::UdpSocket>> {
-        let sockets: Vec<std::net::UdpSocket> = self
-            .take(l, Protocol::Udp)?
-            .into_iter()
-            .map(std::net::UdpSocket::from)
-            .collect();
-        for s in &sockets {
-            let _ = s.set_nonblocking(true);
-        }
-        Some(sockets)
+        let sockets = self.take(l, Protocol::Udp)?;
+        Some(sockets.into_iter().map(std::net::UdpSocket::from).collect())
     }
 
     fn take(&mut self, l: &ListenerConfig, protocol: Protocol) -> Option<Vec<OwnedFd>> {
@@ -174,7 +164,12 @@ impl Takeover {
                     .iter()
                     .position(|r| same(r) && l.bind.port() != 0)
             })?;
-        Some(self.listeners.remove(i).sockets)
+        let sockets = self.listeners.remove(i).sockets;
+        for s in &sockets {
+            // Shared with the old process; tokio needs it non-blocking (it already is).
+            let _ = socket2::SockRef::from(s).set_nonblocking(true);
+        }
+        Some(sockets)
     }
 
     /// The old admin socket, when it was bound to the same address.

@@ -6,7 +6,7 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -103,91 +103,151 @@ async fn one_connection(addr: SocketAddr) -> Result<(), String> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn binary_upgrade_by_socket_takeover_drops_no_connection_attempt() {
-    let backend = Backend::start("a").await;
-    let dir = tempfile::tempdir().unwrap();
-    let (listen, admin) = (free_addr(), free_addr());
-    let socket = dir.path().join("upgrade.sock");
-    let config = dir.path().join("switchyard.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "admin:\n  bind: \"{admin}\"\n  upgrade_socket: {}\nlisteners:\n  - {{ name: app, bind: \"{listen}\", pool: app, reuse_port: true, accept_tasks: 2 }}\npools:\n  - name: app\n    backends: [{{ address: \"{}\" }}]\n",
-            socket.display(),
-            backend.addr
-        ),
-    )
-    .unwrap();
-    let (old_log, new_log) = (dir.path().join("old.log"), dir.path().join("new.log"));
-    let mut old = spawn(&config, &old_log, &[]);
-    ready(admin, &old_log).await;
-    let old_pid = get(admin, "/api/v1/status").await.json()["pid"].clone();
-    assert_eq!(old_pid, old.id());
+/// Clients repeating an attempt in a loop, bounded in count and time, counting outcomes.
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    clients: Vec<tokio::task::JoinHandle<()>>,
+}
 
-    // Four clients connect in a loop through the whole switch, bounded in count and time.
-    let stop = Arc::new(AtomicBool::new(false));
-    let ok = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let mut clients = Vec::new();
-    for _ in 0..4 {
-        let (stop, ok, failed) = (Arc::clone(&stop), Arc::clone(&ok), Arc::clone(&failed));
-        clients.push(tokio::spawn(async move {
-            let started = Instant::now();
-            let mut n = 0;
-            while !stop.load(Ordering::Relaxed)
-                && n < 5_000
-                && started.elapsed() < Duration::from_secs(40)
-            {
-                n += 1;
-                match one_connection(listen).await {
-                    Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
-                    Err(e) => {
-                        eprintln!("connection attempt failed: {e}");
-                        failed.fetch_add(1, Ordering::Relaxed)
+impl Load {
+    /// `clients` tasks, each calling `attempt(client, n)` up to `max` times (40 s at most).
+    fn start<F, Fut>(clients: u32, max: u32, attempt: F) -> Load
+    where
+        F: Fn(u32, u32) -> Fut + Clone + Send + 'static,
+        Fut: std::future::Future<Output = Result<(), String>> + Send,
+    {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let clients = (0..clients)
+            .map(|c| {
+                let (stop, ok, failed) = (Arc::clone(&stop), Arc::clone(&ok), Arc::clone(&failed));
+                let attempt = attempt.clone();
+                tokio::spawn(async move {
+                    let started = Instant::now();
+                    let mut n = 0;
+                    while !stop.load(Ordering::Relaxed)
+                        && n < max
+                        && started.elapsed() < Duration::from_secs(40)
+                    {
+                        n += 1;
+                        match attempt(c, n).await {
+                            Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
+                            Err(e) => {
+                                eprintln!("attempt failed: {e}");
+                                failed.fetch_add(1, Ordering::Relaxed)
+                            }
+                        };
                     }
-                };
-            }
-        }));
-    }
-    let wait_ok = |at_least: u64| {
-        let ok = Arc::clone(&ok);
-        async move {
-            within("client progress", async {
-                while ok.load(Ordering::Relaxed) < at_least {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
+                })
             })
-            .await
+            .collect();
+        Load {
+            stop,
+            ok,
+            failed,
+            clients,
         }
-    };
-    wait_ok(200).await;
+    }
 
-    // The new binary takes the sockets over; the old one drains and exits on its own.
-    let mut new = spawn(&config, &new_log, &["--takeover", socket.to_str().unwrap()]);
-    let code = exited(&mut old).await;
+    fn ok(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    async fn wait_ok(&self, at_least: u64) {
+        within("client progress", async {
+            while self.ok() < at_least {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+    }
+
+    /// Stops the clients; (succeeded, failed).
+    async fn finish(mut self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        for c in std::mem::take(&mut self.clients) {
+            within("client", c).await.unwrap();
+        }
+        (self.ok(), self.failed.load(Ordering::Relaxed))
+    }
+}
+
+/// The files of an upgrade test, in one temporary directory.
+struct Files {
+    _dir: tempfile::TempDir,
+    config: PathBuf,
+    socket: PathBuf,
+    old_log: PathBuf,
+    new_log: PathBuf,
+}
+
+impl Files {
+    fn new() -> Files {
+        let dir = tempfile::tempdir().unwrap();
+        let path = |name: &str| dir.path().join(name);
+        Files {
+            config: path("switchyard.yaml"),
+            socket: path("upgrade.sock"),
+            old_log: path("old.log"),
+            new_log: path("new.log"),
+            _dir: dir,
+        }
+    }
+}
+
+/// With `load` running: a new binary takes over from `old`, which must exit 0 on its own;
+/// then the load goes on for a while. Returns the new process and the successes counted
+/// when the old one had exited.
+async fn switch_under_load(load: &Load, files: &Files, old: &mut Child) -> (Child, u64) {
+    load.wait_ok(200).await;
+    let takeover = ["--takeover", files.socket.to_str().unwrap()];
+    let new = spawn(&files.config, &files.new_log, &takeover);
+    let code = exited(old).await;
     assert_eq!(
         code,
         Some(0),
         "old process log:\n{}",
-        std::fs::read_to_string(&old_log).unwrap_or_default()
+        std::fs::read_to_string(&files.old_log).unwrap_or_default()
     );
-    let after_switch = ok.load(Ordering::Relaxed);
-    wait_ok(after_switch + 300).await;
-    stop.store(true, Ordering::Relaxed);
-    for c in clients {
-        within("client", c).await.unwrap();
-    }
+    let after_switch = load.ok();
+    load.wait_ok(after_switch + 300).await;
+    (new, after_switch)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_upgrade_by_socket_takeover_drops_no_connection_attempt() {
+    let backend = Backend::start("a").await;
+    let files = Files::new();
+    let (listen, admin) = (free_addr(), free_addr());
+    std::fs::write(
+        &files.config,
+        format!(
+            "admin:\n  bind: \"{admin}\"\n  upgrade_socket: {}\nlisteners:\n  - {{ name: app, bind: \"{listen}\", pool: app, reuse_port: true, accept_tasks: 2 }}\npools:\n  - name: app\n    backends: [{{ address: \"{}\" }}]\n",
+            files.socket.display(),
+            backend.addr
+        ),
+    )
+    .unwrap();
+    let mut old = spawn(&files.config, &files.old_log, &[]);
+    ready(admin, &files.old_log).await;
+    let old_pid = get(admin, "/api/v1/status").await.json()["pid"].clone();
+    assert_eq!(old_pid, old.id());
+
+    // Four clients connect in a loop through the whole switch, bounded in count and time.
+    let load = Load::start(4, 5_000, move |_, _| one_connection(listen));
+    let (mut new, after_switch) = switch_under_load(&load, &files, &mut old).await;
+    let (total_ok, total_failed) = load.finish().await;
 
     let status = get(admin, "/api/v1/status").await.json();
     assert_eq!(status["pid"], new.id(), "the admin socket moved too");
-    let old_text = std::fs::read_to_string(&old_log).unwrap();
+    let old_text = std::fs::read_to_string(&files.old_log).unwrap();
     assert!(
         old_text.contains("a new process took over the listeners"),
         "{old_text}"
     );
-    let total_ok = ok.load(Ordering::Relaxed);
-    let total_failed = failed.load(Ordering::Relaxed);
     eprintln!(
         "binary upgrade: {total_ok} connections ({after_switch} before the old process exited), {total_failed} failed"
     );
@@ -195,11 +255,17 @@ async fn binary_upgrade_by_socket_takeover_drops_no_connection_attempt() {
     // The new process can be upgraded again: it serves the upgrade socket itself, which
     // only its user may use.
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+    let mode = std::fs::metadata(&files.socket)
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600);
     signal(&new, Signal::SIGTERM);
     assert_eq!(exited(&mut new).await, Some(0));
-    assert!(!socket.exists(), "a normal stop removes the upgrade socket");
+    assert!(
+        !files.socket.exists(),
+        "a normal stop removes the upgrade socket"
+    );
 }
 
 #[tokio::test]
@@ -295,98 +361,53 @@ async fn one_query(socket: &UdpSocket, to: SocketAddr, query: &[u8]) -> Result<(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_upgrade_hands_udp_sockets_over_and_loses_no_datagram() {
     let (backend, _backend_task) = udp_echo().await;
-    let dir = tempfile::tempdir().unwrap();
+    let files = Files::new();
     let admin = free_addr();
     let listen = std::net::UdpSocket::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap();
-    let socket = dir.path().join("upgrade.sock");
-    let config = dir.path().join("switchyard.yaml");
     std::fs::write(
-        &config,
+        &files.config,
         format!(
             "admin:\n  bind: \"{admin}\"\n  upgrade_socket: {}\nlisteners:\n  - name: dns\n    bind: \"{listen}\"\n    protocol: udp\n    pool: dns\n    reuse_port: true\n    accept_tasks: 2\n    udp: {{ idle_timeout: 1s }}\npools:\n  - name: dns\n    backends: [{{ address: \"{backend}\" }}]\n",
-            socket.display(),
+            files.socket.display(),
         ),
     )
     .unwrap();
-    let (old_log, new_log) = (dir.path().join("old.log"), dir.path().join("new.log"));
-    let mut old = spawn(&config, &old_log, &[]);
-    ready(admin, &old_log).await;
+    let mut old = spawn(&files.config, &files.old_log, &[]);
+    ready(admin, &files.old_log).await;
 
     // Clients query through the whole switch, bounded in count and time. Three take a new
     // port (a new flow) for every query; one keeps its port, so its flow starts in the old
     // process and its datagrams then go to the new one. A query is sent once: one lost
     // datagram is a failure.
-    let stop = Arc::new(AtomicBool::new(false));
-    let ok = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let mut clients = Vec::new();
-    for c in 0..4u32 {
-        let (stop, ok, failed) = (Arc::clone(&stop), Arc::clone(&ok), Arc::clone(&failed));
-        clients.push(tokio::spawn(async move {
-            let started = Instant::now();
-            let mut kept = None;
-            let mut n = 0u32;
-            while !stop.load(Ordering::Relaxed)
-                && n < 20_000
-                && started.elapsed() < Duration::from_secs(40)
-            {
-                n += 1;
-                if c > 0 || kept.is_none() {
-                    kept = Some(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-                    // Each new port is a flow for a second: paced, so they stay far below
-                    // max_flows.
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-                let Some(client) = &kept else { break };
-                let query = format!("client {c} query {n}");
-                match one_query(client, listen, query.as_bytes()).await {
-                    Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
-                    Err(e) => {
-                        eprintln!("{query}: {e}");
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-            }
-        }));
-    }
-    let wait_ok = |at_least: u64| {
-        let ok = Arc::clone(&ok);
+    let kept = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let load = Load::start(4, 20_000, move |c, n| {
+        let kept = Arc::clone(&kept);
         async move {
-            within("client progress", async {
-                while ok.load(Ordering::Relaxed) < at_least {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            })
-            .await
+            let client = if c == 0 {
+                kept
+            } else {
+                // Each new port is a flow for a second: paced, so they stay far below
+                // max_flows.
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap())
+            };
+            let query = format!("client {c} query {n}");
+            one_query(&client, listen, query.as_bytes())
+                .await
+                .map_err(|e| format!("{query}: {e}"))
         }
-    };
-    wait_ok(200).await;
+    });
+    let (mut new, after_switch) = switch_under_load(&load, &files, &mut old).await;
+    let (total_ok, total_failed) = load.finish().await;
 
-    let mut new = spawn(&config, &new_log, &["--takeover", socket.to_str().unwrap()]);
-    let code = exited(&mut old).await;
-    assert_eq!(
-        code,
-        Some(0),
-        "old process log:\n{}",
-        std::fs::read_to_string(&old_log).unwrap_or_default()
-    );
-    let after_switch = ok.load(Ordering::Relaxed);
-    wait_ok(after_switch + 300).await;
-    stop.store(true, Ordering::Relaxed);
-    for c in clients {
-        within("client", c).await.unwrap();
-    }
-
-    let new_text = std::fs::read_to_string(&new_log).unwrap();
+    let new_text = std::fs::read_to_string(&files.new_log).unwrap();
     assert!(
         new_text.contains("received listening sockets"),
         "{new_text}"
     );
-    let total_ok = ok.load(Ordering::Relaxed);
-    let total_failed = failed.load(Ordering::Relaxed);
     eprintln!(
         "udp upgrade: {total_ok} queries answered ({after_switch} before the old process exited), {total_failed} lost"
     );
