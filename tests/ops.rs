@@ -128,7 +128,7 @@ async fn health_ready_status_and_page_are_served() {
 }
 
 #[tokio::test]
-async fn metrics_export_exactly_the_names_in_metrics_rs() {
+async fn metrics_export_exactly_the_names_in_names_rs() {
     let a = Backend::start("a").await;
     // With an active check, so its duration and result families have samples too.
     let yaml = config(&[("a", a.addr, 1)], "").replace(

@@ -1,0 +1,128 @@
+//! The UDP metric families and the handles of one UDP listener.
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+
+use super::{counter_vec, names, Metrics};
+use crate::udp::{DropReason, FlowEnd};
+
+impl Metrics {
+    /// Handles for one UDP listener.
+    pub fn udp(&self, listener: &str) -> UdpMetrics {
+        let u = &self.udp;
+        let l = &[listener];
+        UdpMetrics {
+            flows_active: u.flows_active.with_label_values(l),
+            flows_created: u.flows_created.with_label_values(l),
+            flows_expired: FlowEnd::ALL
+                .iter()
+                .map(|r| u.flows_expired.with_label_values(&[listener, r.as_str()]))
+                .collect(),
+            datagrams_from_clients: u.datagrams_from_clients.with_label_values(l),
+            datagrams_to_clients: u.datagrams_to_clients.with_label_values(l),
+            bytes_from_clients: u.bytes_from_clients.with_label_values(l),
+            bytes_to_clients: u.bytes_to_clients.with_label_values(l),
+            dropped: DropReason::ALL
+                .iter()
+                .map(|r| u.dropped.with_label_values(&[listener, r.as_str()]))
+                .collect(),
+        }
+    }
+}
+
+/// Handles for one UDP listener.
+#[derive(Debug, Clone)]
+pub struct UdpMetrics {
+    pub flows_active: IntGauge,
+    pub flows_created: IntCounter,
+    flows_expired: Vec<IntCounter>,
+    pub datagrams_from_clients: IntCounter,
+    pub datagrams_to_clients: IntCounter,
+    pub bytes_from_clients: IntCounter,
+    pub bytes_to_clients: IntCounter,
+    dropped: Vec<IntCounter>,
+}
+
+impl UdpMetrics {
+    pub fn flows_expired(&self, reason: FlowEnd) -> &IntCounter {
+        &self.flows_expired[reason as usize]
+    }
+
+    pub fn dropped(&self, reason: DropReason) -> &IntCounter {
+        &self.dropped[reason as usize]
+    }
+}
+
+/// The UDP metric families.
+#[derive(Debug, Clone)]
+pub(super) struct UdpFamilies {
+    pub(super) flows_active: IntGaugeVec,
+    pub(super) flows_created: IntCounterVec,
+    pub(super) flows_expired: IntCounterVec,
+    pub(super) datagrams_from_clients: IntCounterVec,
+    pub(super) datagrams_to_clients: IntCounterVec,
+    pub(super) bytes_from_clients: IntCounterVec,
+    pub(super) bytes_to_clients: IntCounterVec,
+    pub(super) dropped: IntCounterVec,
+    pub(super) backend_unreachable: IntCounterVec,
+}
+
+impl UdpFamilies {
+    pub(super) fn new(registry: &Registry) -> UdpFamilies {
+        use names::*;
+        let flows_active = IntGaugeVec::new(
+            Opts::new(UDP_FLOWS_ACTIVE, "UDP flows currently tracked."),
+            &["listener"],
+        )
+        .unwrap_or_else(|e| panic!("metric {UDP_FLOWS_ACTIVE}: {e}"));
+        registry
+            .register(Box::new(flows_active.clone()))
+            .unwrap_or_else(|e| panic!("register {UDP_FLOWS_ACTIVE}: {e}"));
+        let listener = &["listener"];
+        UdpFamilies {
+            flows_active,
+            flows_created: counter_vec(registry, UDP_FLOWS_CREATED, "UDP flows started.", listener),
+            flows_expired: counter_vec(
+                registry,
+                UDP_FLOWS_EXPIRED,
+                "UDP flows forgotten, by reason.",
+                &["listener", "reason"],
+            ),
+            datagrams_from_clients: counter_vec(
+                registry,
+                UDP_DATAGRAMS_FROM_CLIENTS,
+                "Datagrams received from clients and sent to a backend.",
+                listener,
+            ),
+            datagrams_to_clients: counter_vec(
+                registry,
+                UDP_DATAGRAMS_TO_CLIENTS,
+                "Datagrams received from backends and sent to clients.",
+                listener,
+            ),
+            bytes_from_clients: counter_vec(
+                registry,
+                UDP_BYTES_FROM_CLIENTS,
+                "Payload bytes of datagrams sent from clients to backends.",
+                listener,
+            ),
+            bytes_to_clients: counter_vec(
+                registry,
+                UDP_BYTES_TO_CLIENTS,
+                "Payload bytes of datagrams sent from backends to clients.",
+                listener,
+            ),
+            dropped: counter_vec(
+                registry,
+                UDP_DATAGRAMS_DROPPED,
+                "Datagrams not forwarded, by reason.",
+                &["listener", "reason"],
+            ),
+            backend_unreachable: counter_vec(
+                registry,
+                BACKEND_UDP_UNREACHABLE,
+                "ICMP port unreachable received from a backend on a UDP flow (a passive failure).",
+                &["pool", "backend"],
+            ),
+        }
+    }
+}
