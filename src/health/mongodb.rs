@@ -123,6 +123,8 @@ impl Probe {
             ));
         };
         stream.write_all(&msg).await.map_err(|e| io("send", e))?;
+        // TLS buffers what the socket did not take yet; plain TCP makes this a no-op.
+        stream.flush().await.map_err(|e| io("send", e))?;
         let mut header = [0u8; 16];
         stream
             .read_exact(&mut header)
