@@ -68,7 +68,17 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(config: Config, metrics: Metrics) -> Arc<Shared> {
-        let backend_states = Mutex::new(HashMap::new());
+        Shared::with_states(config, metrics, HashMap::new())
+    }
+
+    /// Like [`Shared::new`], starting from backend states by (pool, backend) taken over
+    /// from a previous process; those the config does not have are dropped.
+    pub fn with_states(
+        config: Config,
+        metrics: Metrics,
+        states: HashMap<(String, String), Arc<BackendState>>,
+    ) -> Arc<Shared> {
+        let backend_states = Mutex::new(states);
         let snapshot = build(config, &backend_states, &metrics);
         Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
@@ -83,14 +93,26 @@ impl Shared {
         self.snapshot.load_full()
     }
 
-    /// Builds a snapshot of `config` (keeping live backend state) and publishes it.
+    /// Builds a snapshot of `config` (keeping live backend state) and publishes it; the
+    /// metric series of what it no longer has are dropped.
     pub fn publish(&self, config: Config) {
         let snapshot = Arc::new(build(config, &self.backend_states, &self.metrics));
         let previous = self.snapshot.swap(Arc::clone(&snapshot));
         crate::health::close_removed(&previous, &snapshot);
-        self.health.sync(&snapshot, &self.metrics);
-        // After the probers of removed backends have been stopped, so none re-adds a series.
-        self.metrics.forget(&removed(&previous, &snapshot));
+        let stopped = self.health.sync(&snapshot, &self.metrics);
+        let removed = removed(&previous, &snapshot);
+        self.metrics.forget(&removed);
+        if !removed.is_empty() && !stopped.is_empty() {
+            // A stopped prober may be between its check and its count right now, and would
+            // bring a health series back: once they have all ended, forget once more.
+            let metrics = self.metrics.clone();
+            tokio::spawn(async move {
+                for prober in stopped {
+                    let _ = prober.await;
+                }
+                metrics.forget(&removed);
+            });
+        }
     }
 
     /// Live state of a backend, if the current config has it.

@@ -146,11 +146,13 @@ struct RunningPool {
 }
 
 impl RunningPool {
-    fn stop(&self) {
+    /// Stops the probers; the handles tell when each has ended.
+    fn stop(self) -> Vec<JoinHandle<()>> {
         self.cancel.cancel();
         for t in &self.tasks {
             t.abort();
         }
+        self.tasks
     }
 }
 
@@ -184,25 +186,32 @@ impl Supervisor {
     /// Starts probing `snapshot` (called once the server runs, inside the runtime).
     pub fn start(&self, snapshot: &Snapshot, metrics: &Metrics) {
         self.lock().running = true;
-        self.sync(snapshot, metrics);
+        // Nothing runs yet, so nothing is stopped.
+        drop(self.sync(snapshot, metrics));
     }
 
     /// Brings the probers in line with `snapshot`: pools whose check settings or backends
     /// changed are restarted, removed ones stopped, unchanged ones left running. Does
     /// nothing before [`Supervisor::start`] or after [`Supervisor::stop`]. Must be called
-    /// inside the tokio runtime (reload calls it through `Shared::publish`).
-    pub fn sync(&self, snapshot: &Snapshot, metrics: &Metrics) {
+    /// inside the tokio runtime (reload calls it through `Shared::publish`). Returns the
+    /// task handles of the probers it stopped.
+    pub fn sync(&self, snapshot: &Snapshot, metrics: &Metrics) -> Vec<JoinHandle<()>> {
         let mut inner = self.lock();
+        let mut stopped = Vec::new();
         if !inner.running {
-            return;
+            return stopped;
         }
-        inner.pools.retain(|name, running| {
-            let keep = snapshot.pools.contains_key(name);
-            if !keep {
-                running.stop();
+        let gone: Vec<String> = inner
+            .pools
+            .keys()
+            .filter(|name| !snapshot.pools.contains_key(*name))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(running) = inner.pools.remove(&name) {
+                stopped.extend(running.stop());
             }
-            keep
-        });
+        }
         for (name, pool) in &snapshot.pools {
             let spec = PoolSpec::of(pool);
             let states: Vec<Arc<BackendState>> =
@@ -217,11 +226,13 @@ impl Supervisor {
                 if running.spec == spec && same_states {
                     continue;
                 }
-                running.stop();
+            }
+            if let Some(running) = inner.pools.remove(name) {
                 previous = running
                     .arbiter
                     .as_ref()
                     .map(|a| (Arc::clone(a), running.spec.backends.clone()));
+                stopped.extend(running.stop());
             }
             if spec.check.is_none() {
                 // No active check (any more): only the passive breaker and the admin state
@@ -233,6 +244,7 @@ impl Supervisor {
             let running = spawn_pool(pool, spec, states, metrics, previous);
             inner.pools.insert(name.clone(), running);
         }
+        stopped
     }
 
     /// Stops every prober; later syncs do nothing.

@@ -9,8 +9,9 @@ use super::Metrics;
 impl Metrics {
     /// Drops the series of listeners, pools and backends a reload removed, so churn in the
     /// config does not grow the exposition (or memory) without bound. Connections still
-    /// open under the old config keep their handles; what they count from now on shows only
-    /// in the listener totals. A name that comes back starts from zero (a counter reset).
+    /// open under the old config keep their handles, but what they count from now on under
+    /// a removed name is not exported (a kept listener's totals still count it). A name
+    /// that comes back starts from zero (a counter reset).
     pub fn forget(&self, removed: &Removed) {
         if removed.is_empty() {
             return;
