@@ -91,7 +91,6 @@ impl Control {
         Control {
             shared,
             config_path,
-            handed_over: listeners.handed_over().clone(),
             listeners: tokio::sync::Mutex::new(listeners),
             addrs: ArcSwap::from_pointee(HashMap::new()),
             ready: AtomicBool::new(false),
@@ -102,6 +101,7 @@ impl Control {
                 ..ReloadStatus::default()
             }),
             access_log,
+            handed_over: CancellationToken::new(),
         }
     }
 

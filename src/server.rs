@@ -82,8 +82,13 @@ impl Server {
         let (access_log, access_log_thread) =
             AccessLog::start(config.access_log.as_ref(), &metrics.ops)
                 .context("access log: cannot start the writer thread")?;
+        // After an upgrade, backends start from the old process's verdicts.
+        let states = takeover
+            .as_ref()
+            .map(|t| t.backend_states())
+            .unwrap_or_default();
         Ok(Server {
-            shared: Shared::new(config, metrics),
+            shared: Shared::with_states(config, metrics, states),
             bound,
             udp_bound,
             local_addrs,

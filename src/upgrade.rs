@@ -2,13 +2,17 @@
 //!
 //! The running process serves a unix socket (`admin.upgrade_socket`). A new process started
 //! with `--takeover PATH` connects to it and receives every listening socket, TCP and UDP
-//! (and the admin socket), as file descriptors (SCM_RIGHTS), with a JSON header naming them.
-//! It starts accepting and receiving on those very sockets, then answers `ready`; only then
-//! does the old process stop accepting and drain like on SIGTERM. The sockets never close
-//! and their accept queues and receive buffers are shared, so no connection attempt is
-//! refused or reset and no datagram is lost during the switch. A UDP listener of the old
-//! process stops reading its socket at once (datagrams of its open flows go to the new
-//! process, which starts flows for them) and relays backend replies until its flows end.
+//! (and the admin socket), as file descriptors (SCM_RIGHTS), with a JSON header naming them
+//! and carrying every backend's live state (health verdict, admin state, weight), so the new
+//! process routes as the old one did from its first connection instead of waiting for its
+//! checks to rise. It starts accepting and receiving on those very sockets, then answers
+//! `ready` with the UDP listeners it took; only then does the old process stop accepting and
+//! drain like on SIGTERM. The sockets never close and their accept queues and receive
+//! buffers are shared, so no connection attempt is refused or reset and no datagram is lost
+//! during the switch. A taken UDP listener of the old process stops reading its socket
+//! (datagrams of its open flows go to the new process, which starts flows for them) and
+//! relays backend replies until its flows end; one the new process did not take is read on,
+//! as on a plain stop.
 //! Only the same user (or root) may connect: the socket file is mode 0600 and the peer's
 //! credentials are checked. This module owns the hand-over protocol and the one `unsafe`
 //! conversion it needs.
@@ -30,6 +34,7 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use crate::backend::{BackendState, Carried};
 use crate::config::{ListenerConfig, Protocol};
 use crate::control::Control;
 
@@ -43,6 +48,25 @@ struct Header {
     pid: u32,
     listeners: Vec<Entry>,
     admin: Option<Entry>,
+    /// Live backend state, so the new process starts from the running one's verdicts.
+    #[serde(default)]
+    backends: Vec<BackendEntry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct BackendEntry {
+    pool: String,
+    backend: String,
+    #[serde(flatten)]
+    state: Carried,
+}
+
+/// The new process's answer once it accepts: `ready` and this, as JSON, on one line.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Ready {
+    /// UDP listeners (name, bind as the old process named them) whose sockets it took.
+    #[serde(default)]
+    udp_taken: Vec<(String, SocketAddr)>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -79,6 +103,8 @@ pub struct Takeover {
     from_pid: u32,
     listeners: Vec<Received>,
     admin: Option<(SocketAddr, std::net::TcpListener)>,
+    backends: Vec<BackendEntry>,
+    udp_taken: Vec<(String, SocketAddr)>,
 }
 
 impl Takeover {
@@ -131,6 +157,8 @@ impl Takeover {
             from_pid: header.pid,
             listeners,
             admin,
+            backends: header.backends,
+            udp_taken: Vec::new(),
         })
     }
 
@@ -164,12 +192,27 @@ impl Takeover {
                     .iter()
                     .position(|r| same(r) && l.bind.port() != 0)
             })?;
-        let sockets = self.listeners.remove(i).sockets;
+        let taken = self.listeners.remove(i);
+        if protocol == Protocol::Udp {
+            self.udp_taken.push((taken.name, taken.bind));
+        }
+        let sockets = taken.sockets;
         for s in &sockets {
             // Shared with the old process; tokio needs it non-blocking (it already is).
             let _ = socket2::SockRef::from(s).set_nonblocking(true);
         }
         Some(sockets)
+    }
+
+    /// The old process's backend states by (pool, backend), to start from.
+    pub fn backend_states(&self) -> HashMap<(String, String), Arc<BackendState>> {
+        self.backends
+            .iter()
+            .map(|b| {
+                let state = Arc::new(BackendState::from_carried(&b.state));
+                ((b.pool.clone(), b.backend.clone()), state)
+            })
+            .collect()
     }
 
     /// The old admin socket, when it was bound to the same address.
@@ -195,11 +238,29 @@ impl Takeover {
                 "sockets of listeners no longer configured are closed"
             );
         }
+        let ready = Ready {
+            udp_taken: std::mem::take(&mut self.udp_taken),
+        };
+        let mut line = b"ready ".to_vec();
+        line.extend(serde_json::to_vec(&ready)?);
+        line.push(b'\n');
         self.stream
-            .write_all(b"ready\n")
+            .write_all(&line)
             .context("takeover: tell the old process")?;
         info!(old_pid = self.from_pid, "took over; the old process drains");
         Ok(())
+    }
+}
+
+/// The new process's answer: `ready`, then what it took as JSON. A bare `ready` (from a
+/// binary before UDP hand-over) took no UDP socket: it bound its own.
+fn parse_ready(line: &str) -> anyhow::Result<Ready> {
+    let Some(rest) = line.trim().strip_prefix("ready") else {
+        bail!("the new process did not confirm (it said {line:?})");
+    };
+    match rest.trim() {
+        "" => Ok(Ready::default()),
+        json => serde_json::from_str(json).context("the new process's ready line"),
     }
 }
 
@@ -265,12 +326,14 @@ fn send(
     stream: &UnixStream,
     listeners: &[Handed<'_>],
     admin: Option<&std::net::TcpListener>,
+    backends: Vec<BackendEntry>,
 ) -> anyhow::Result<()> {
     let mut fds: Vec<RawFd> = Vec::new();
     let mut header = Header {
         pid: std::process::id(),
         listeners: Vec::new(),
         admin: None,
+        backends,
     };
     for l in listeners {
         header.listeners.push(Entry {
@@ -405,7 +468,19 @@ async fn hand_over(
         // Held while sending, so a reload cannot close a socket being sent.
         let set = control.listeners.lock().await;
         let listeners = set.sockets();
-        send(&stream, &listeners, admin.as_deref())?;
+        let snapshot = control.shared.snapshot();
+        let backends = snapshot
+            .pools
+            .iter()
+            .flat_map(|(pool, p)| {
+                p.backends.iter().map(|b| BackendEntry {
+                    pool: pool.clone(),
+                    backend: b.name.to_string(),
+                    state: b.state.carried(),
+                })
+            })
+            .collect();
+        send(&stream, &listeners, admin.as_deref(), backends)?;
         let names: HashMap<&str, usize> = listeners
             .iter()
             .map(|l| (l.name, l.sockets.len()))
@@ -422,8 +497,11 @@ async fn hand_over(
         Ok(line)
     })
     .await??;
-    if line.trim() != "ready" {
-        bail!("the new process did not confirm (it said {line:?})");
+    let ready = parse_ready(&line)?;
+    control.listeners.lock().await.release_udp(&ready.udp_taken);
+    if !ready.udp_taken.is_empty() {
+        let names: Vec<&str> = ready.udp_taken.iter().map(|(n, _)| n.as_str()).collect();
+        info!(listeners = ?names, "udp sockets taken over; no longer read here");
     }
     Ok(())
 }
@@ -459,10 +537,22 @@ mod tests {
             handed("many", Protocol::Tcp, fds(&sockets[3..])),
         ];
         let (header, fds) = std::thread::scope(|scope| {
-            scope.spawn(|| send(&a, &listeners, Some(&admin)).expect("send"));
+            let backends = vec![BackendEntry {
+                pool: "pg".into(),
+                backend: "db1".into(),
+                state: Carried {
+                    status: 5,
+                    admin: 1,
+                    weight: Some(3),
+                },
+            }];
+            scope.spawn(|| send(&a, &listeners, Some(&admin), backends).expect("send"));
             receive(&b).expect("receive")
         });
         assert_eq!(header.pid, std::process::id());
+        let b = &header.backends[0];
+        assert_eq!((b.pool.as_str(), b.backend.as_str()), ("pg", "db1"));
+        assert_eq!(b.state.weight, Some(3));
         let entries: Vec<(&str, Protocol, usize)> = header
             .listeners
             .iter()
@@ -504,5 +594,17 @@ mod tests {
             header.admin.expect("admin entry").bind,
             admin.local_addr().expect("addr")
         );
+    }
+
+    #[test]
+    fn ready_line_names_the_udp_listeners_taken() {
+        let bind: SocketAddr = "127.0.0.1:53".parse().expect("addr");
+        let ready =
+            parse_ready("ready {\"udp_taken\":[[\"dns\",\"127.0.0.1:53\"]]}\n").expect("parses");
+        assert_eq!(ready.udp_taken, vec![("dns".to_string(), bind)]);
+        // An older binary says only `ready`: it took no UDP socket.
+        assert!(parse_ready("ready\n").expect("bare").udp_taken.is_empty());
+        assert!(parse_ready("").is_err());
+        assert!(parse_ready("ready {not json").is_err());
     }
 }

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::http::get;
+use common::http::{get, post};
 use common::*;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -101,6 +101,20 @@ async fn one_connection(addr: SocketAddr) -> Result<(), String> {
         return Err("echo differs".into());
     }
     Ok(())
+}
+
+/// Waits (bounded) until `attempt` succeeds once: the backend is up and serving.
+async fn served<F, Fut>(attempt: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    within("first success", async {
+        while attempt().await.is_err() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
 }
 
 /// Clients repeating an attempt in a loop, bounded in count and time, counting outcomes.
@@ -219,20 +233,34 @@ async fn switch_under_load(load: &Load, files: &Files, old: &mut Child) -> (Chil
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_upgrade_by_socket_takeover_drops_no_connection_attempt() {
-    let backend = Backend::start("a").await;
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
     let files = Files::new();
     let (listen, admin) = (free_addr(), free_addr());
+    // Checked every second, up after two passes: a new process that started from scratch
+    // would have no backend up for a second or two.
     std::fs::write(
         &files.config,
         format!(
-            "admin:\n  bind: \"{admin}\"\n  upgrade_socket: {}\nlisteners:\n  - {{ name: app, bind: \"{listen}\", pool: app, reuse_port: true, accept_tasks: 2 }}\npools:\n  - name: app\n    backends: [{{ address: \"{}\" }}]\n",
+            "admin:\n  bind: \"{admin}\"\n  upgrade_socket: {}\nlisteners:\n  - {{ name: app, bind: \"{listen}\", pool: app, reuse_port: true, accept_tasks: 2 }}\npools:\n  - name: app\n    health_check: {{ type: tcp, interval: 1s, rise: 2 }}\n    backends: [{{ name: a, address: \"{}\" }}, {{ name: b, address: \"{}\" }}]\n",
             files.socket.display(),
-            backend.addr
+            a.addr,
+            b.addr
         ),
     )
     .unwrap();
     let mut old = spawn(&files.config, &files.old_log, &[]);
     ready(admin, &files.old_log).await;
+    // b is drained by the operator: only a serves, before the upgrade and after it.
+    let r = post(
+        admin,
+        "/api/v1/pools/app/backends/b/state",
+        None,
+        r#"{"state":"drain"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    served(|| one_connection(listen)).await;
     let old_pid = get(admin, "/api/v1/status").await.json()["pid"].clone();
     assert_eq!(old_pid, old.id());
 
@@ -243,6 +271,12 @@ async fn binary_upgrade_by_socket_takeover_drops_no_connection_attempt() {
 
     let status = get(admin, "/api/v1/status").await.json();
     assert_eq!(status["pid"], new.id(), "the admin socket moved too");
+    let backends = &status["pools"][0]["backends"];
+    assert_eq!(backends[1]["name"], "b");
+    assert_eq!(
+        backends[1]["state"], "drain",
+        "the operator's drain carried over"
+    );
     let old_text = std::fs::read_to_string(&files.old_log).unwrap();
     assert!(
         old_text.contains("a new process took over the listeners"),
@@ -350,8 +384,8 @@ async fn one_query(socket: &UdpSocket, to: SocketAddr, query: &[u8]) -> Result<(
         .await
         .map_err(|e| format!("send: {e}"))?;
     let mut buf = [0u8; 64];
-    match tokio::time::timeout(Duration::from_secs(2), socket.recv(&mut buf)).await {
-        Err(_) => Err("no answer within 2s".into()),
+    match tokio::time::timeout(Duration::from_secs(5), socket.recv(&mut buf)).await {
+        Err(_) => Err("no answer within 5s".into()),
         Ok(Err(e)) => Err(format!("recv: {e}")),
         Ok(Ok(n)) if &buf[..n] == query => Ok(()),
         Ok(Ok(n)) => Err(format!("answer differs: {:?}", &buf[..n])),
@@ -370,13 +404,18 @@ async fn binary_upgrade_hands_udp_sockets_over_and_loses_no_datagram() {
     std::fs::write(
         &files.config,
         format!(
-            "admin:\n  bind: \"{admin}\"\n  upgrade_socket: {}\nlisteners:\n  - name: dns\n    bind: \"{listen}\"\n    protocol: udp\n    pool: dns\n    reuse_port: true\n    accept_tasks: 2\n    udp: {{ idle_timeout: 1s }}\npools:\n  - name: dns\n    backends: [{{ address: \"{backend}\" }}]\n",
+            "admin:\n  bind: \"{admin}\"\n  upgrade_socket: {}\nlisteners:\n  - name: dns\n    bind: \"{listen}\"\n    protocol: udp\n    pool: dns\n    reuse_port: true\n    accept_tasks: 2\n    udp: {{ idle_timeout: 1s }}\npools:\n  - name: dns\n    health_check: {{ type: udp, interval: 1s, rise: 2, udp: {{ send_hex: \"70696e67\", expect_hex_prefix: \"70696e67\" }} }}\n    backends: [{{ address: \"{backend}\" }}]\n",
             files.socket.display(),
         ),
     )
     .unwrap();
     let mut old = spawn(&files.config, &files.old_log, &[]);
     ready(admin, &files.old_log).await;
+    served(|| async {
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        one_query(&client, listen, b"first").await
+    })
+    .await;
 
     // Clients query through the whole switch, bounded in count and time. Three take a new
     // port (a new flow) for every query; one keeps its port, so its flow starts in the old
@@ -403,10 +442,10 @@ async fn binary_upgrade_hands_udp_sockets_over_and_loses_no_datagram() {
     let (mut new, after_switch) = switch_under_load(&load, &files, &mut old).await;
     let (total_ok, total_failed) = load.finish().await;
 
-    let new_text = std::fs::read_to_string(&files.new_log).unwrap();
+    let old_text = std::fs::read_to_string(&files.old_log).unwrap();
     assert!(
-        new_text.contains("received listening sockets"),
-        "{new_text}"
+        old_text.contains("udp sockets taken over") && old_text.contains("\"dns\""),
+        "{old_text}"
     );
     eprintln!(
         "udp upgrade: {total_ok} queries answered ({after_switch} before the old process exited), {total_failed} lost"

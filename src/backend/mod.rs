@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::conn::CloseReason;
@@ -48,6 +49,28 @@ pub enum AdminState {
     Drain = 1,
     /// No new connections; existing ones are closed.
     Maint = 2,
+}
+
+impl AdminState {
+    /// The state stored as `code`; an unknown code is Ready.
+    fn from_code(code: u8) -> AdminState {
+        match code {
+            1 => AdminState::Drain,
+            2 => AdminState::Maint,
+            _ => AdminState::Ready,
+        }
+    }
+}
+
+/// A backend's live state as a new process takes it over on a binary upgrade, so that it
+/// starts from the running process's verdicts instead of down (pending) until its own checks
+/// pass `rise` times: the checks' status, the operator's state and weight (what HAProxy's
+/// server-state file carries across a reload). Stored codes, stable across versions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Carried {
+    pub status: u8,
+    pub admin: u8,
+    pub weight: Option<u32>,
 }
 
 /// The passive circuit breaker's settings for one pool.
@@ -154,6 +177,23 @@ impl BackendState {
         s
     }
 
+    /// What a new process takes over on a binary upgrade (see [`Carried`]).
+    pub fn carried(&self) -> Carried {
+        Carried {
+            status: self.active_status().encode(),
+            admin: self.admin() as u8,
+            weight: self.weight_override(),
+        }
+    }
+
+    /// State that starts where a previous process left off (binary upgrade).
+    pub fn from_carried(carried: &Carried) -> Self {
+        let s = Self::with_status(HealthStatus::decode(carried.status));
+        s.set_admin(AdminState::from_code(carried.admin));
+        s.set_weight_override(carried.weight);
+        s
+    }
+
     /// Whether new connections may go to this backend at `now_ms`.
     pub fn is_available(&self, now_ms: u64) -> bool {
         self.admin.load(Ordering::Relaxed) == AdminState::Ready as u8
@@ -175,11 +215,7 @@ impl BackendState {
     }
 
     pub fn admin(&self) -> AdminState {
-        match self.admin.load(Ordering::Relaxed) {
-            1 => AdminState::Drain,
-            2 => AdminState::Maint,
-            _ => AdminState::Ready,
-        }
+        AdminState::from_code(self.admin.load(Ordering::Relaxed))
     }
 
     pub fn set_admin(&self, state: AdminState) {
@@ -339,6 +375,24 @@ mod tests {
         max_fails: 3,
         fail_duration_ms: 10_000,
     };
+
+    #[test]
+    fn carried_state_starts_a_new_process_where_the_old_one_was() {
+        let old = BackendState::with_status(HealthStatus::down(DownReason::WrongRole));
+        old.set_admin(AdminState::Maint);
+        old.set_weight_override(Some(7));
+        let new = BackendState::from_carried(&old.carried());
+        assert_eq!(
+            new.active_status(),
+            HealthStatus::down(DownReason::WrongRole)
+        );
+        assert_eq!(new.admin(), AdminState::Maint);
+        assert_eq!(new.weight_override(), Some(7));
+        let standby =
+            BackendState::from_carried(&BackendState::with_status(HealthStatus::STANDBY).carried());
+        assert_eq!(standby.active_status(), HealthStatus::STANDBY);
+        assert_eq!(standby.weight_override(), None);
+    }
 
     #[test]
     fn breaker_opens_after_max_fails_and_closes_after_duration() {

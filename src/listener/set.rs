@@ -122,6 +122,8 @@ struct UdpRunning {
     local: SocketAddr,
     /// Fires when the listener is removed or the balancer stops: no new flows.
     stop: CancellationToken,
+    /// Fires when a new process has taken the sockets over: stop reading them.
+    released: CancellationToken,
     /// Duplicates of the sockets, for handing them to a new process on upgrade.
     dups: Vec<std::net::UdpSocket>,
 }
@@ -158,8 +160,6 @@ pub struct ListenerSet {
     shared: Arc<Shared>,
     tracker: TaskTracker,
     close_all: CancellationToken,
-    /// Fires once a new process has taken the sockets over (UDP loops stop reading).
-    handed_over: CancellationToken,
     access_log: AccessLog,
     running: HashMap<String, Running>,
     udp: HashMap<String, UdpRunning>,
@@ -176,7 +176,6 @@ impl ListenerSet {
             shared,
             tracker,
             close_all,
-            handed_over: CancellationToken::new(),
             access_log,
             running: HashMap::new(),
             udp: HashMap::new(),
@@ -206,15 +205,21 @@ impl ListenerSet {
         tcp.chain(udp).collect()
     }
 
-    /// Fires once a new process has taken the sockets over: UDP loops stop reading their
-    /// sockets, which the new process now reads.
-    pub fn handed_over(&self) -> &CancellationToken {
-        &self.handed_over
+    /// A new process has taken these UDP listeners' sockets over (by name and configured
+    /// bind address): their loops stop reading them and only relay their open flows'
+    /// replies. Listeners it did not take keep reading, as on a plain stop.
+    pub fn release_udp(&self, taken: &[(String, SocketAddr)]) {
+        for (name, bind) in taken {
+            if let Some(r) = self.udp.get(name).filter(|r| r.bind == *bind) {
+                r.released.cancel();
+            }
+        }
     }
 
     /// Starts receiving on a UDP listener's sockets, one flow loop per socket.
     pub fn start_udp(&mut self, bound: UdpBound) {
         let stop = CancellationToken::new();
+        let released = CancellationToken::new();
         let tasks = bound.sockets.len();
         if let Some(route) = self.shared.snapshot().route(&bound.name) {
             udp::log_listening(&bound.name, route);
@@ -230,7 +235,7 @@ impl ListenerSet {
                     tasks,
                     stop: stop.clone(),
                     close_all: self.close_all.clone(),
-                    handed_over: self.handed_over.clone(),
+                    released: released.clone(),
                     access_log: self.access_log.clone(),
                 }
                 .run(),
@@ -242,6 +247,7 @@ impl ListenerSet {
                 bind: bound.bind,
                 local: bound.local,
                 stop,
+                released,
                 dups: bound.dups,
             },
         );

@@ -91,7 +91,7 @@ pub struct UdpLoop {
     pub close_all: CancellationToken,
     /// Fires when a new process has taken the socket over: stop reading it (the new
     /// process reads every datagram from then on) and relay replies until the flows end.
-    pub handed_over: CancellationToken,
+    pub released: CancellationToken,
     /// One record per flow at its end, written off the data path.
     pub access_log: AccessLog,
 }
@@ -115,7 +115,7 @@ struct Flow {
 enum Wake<'a> {
     Close,
     Stop,
-    HandedOver,
+    Released,
     Tick,
     Clients(io::Result<()>),
     Replies(io::Result<AsyncFdReadyGuard<'a, EpollSet>>),
@@ -214,8 +214,8 @@ impl UdpLoop {
         // sockets take turns going first so neither starves the other.
         let closed = self.close_all.cancelled();
         let stopping = self.stop.cancelled();
-        let handed_over = self.handed_over.cancelled();
-        tokio::pin!(closed, stopping, handed_over);
+        let released = self.released.cancelled();
+        tokio::pin!(closed, stopping, released);
         let mut replies_first = false;
         let mut reading_clients = true;
         loop {
@@ -225,8 +225,8 @@ impl UdpLoop {
                 if closed.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Wake::Close);
                 }
-                if reading_clients && handed_over.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Wake::HandedOver);
+                if reading_clients && released.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Wake::Released);
                 }
                 if !draining && stopping.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Wake::Stop);
@@ -250,9 +250,9 @@ impl UdpLoop {
             .await;
             match wake {
                 Wake::Close => break,
-                Wake::Stop | Wake::HandedOver => {
-                    // Handed over: the new process reads the socket from now on.
-                    reading_clients = !self.handed_over.is_cancelled();
+                Wake::Stop | Wake::Released => {
+                    // Taken over: the new process reads the socket from now on.
+                    reading_clients = !self.released.is_cancelled();
                     flows.draining = true;
                     if flows.table.is_empty() {
                         break;
