@@ -234,7 +234,7 @@ pools:
 async fn mongodb_check_speaks_tls_to_members_that_require_it() {
     let secure = Member::start_with("primary", &["--tls"]);
     let plain = Member::start("primary", false);
-    let check = "interval: 500ms, timeout: 500ms, rise: 1, fall: 1";
+    let check = "interval: 1s, timeout: 1s, rise: 1, fall: 2";
     let (a1, a2) = (secure.addr, plain.addr);
     let yaml = format!(
         r#"
