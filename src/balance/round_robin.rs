@@ -54,25 +54,34 @@ impl RoundRobin {
     }
 
     /// The next backend in the weighted order that is available and not in `tried`.
+    ///
+    /// A miss takes the next ticket rather than the next entry, so the load of an unavailable
+    /// backend spreads over the others by weight instead of landing on whichever backend
+    /// follows it in the sequence (with `a b c` and `b` down: `a c a c`, not `a c c a c c`).
+    /// After as many misses as there are backends, an O(backends) check ends the pick when
+    /// nothing is available; after a whole sequence of misses (concurrent picks kept taking
+    /// the good tickets), it walks forward from there, at most one lap.
     pub fn pick(&self, backends: &[Backend], tried: &[usize], now_ms: u64) -> Option<usize> {
         let len = self.sequence.len();
         if len == 0 {
             return None;
         }
-        let start = self.cursor.fetch_add(1, Ordering::Relaxed) % len;
-        let lap = self.sequence[start..].iter().chain(&self.sequence[..start]);
-        for (misses, &entry) in lap.enumerate() {
-            let index = entry as usize;
+        let mut position = 0;
+        for misses in 0..len {
+            if misses == backends.len() && !any_candidate(backends, tried, now_ms) {
+                return None;
+            }
+            position = self.cursor.fetch_add(1, Ordering::Relaxed) % len;
+            let index = self.sequence[position] as usize;
             if is_candidate(backends, index, tried, now_ms) {
                 return Some(index);
             }
-            // A long weighted sequence during an outage: after as many misses as there are
-            // backends, check in O(backends) whether walking on can find anything at all.
-            if misses + 1 == backends.len() && !any_candidate(backends, tried, now_ms) {
-                return None;
-            }
         }
-        None
+        let lap = self.sequence[position..]
+            .iter()
+            .chain(&self.sequence[..position]);
+        lap.map(|&entry| entry as usize)
+            .find(|&index| is_candidate(backends, index, tried, now_ms))
     }
 }
 
@@ -127,8 +136,8 @@ mod tests {
         let pool = backends(&[5, 1, 1]);
         pool[1].state.set_health(Health::Down);
         let rr = RoundRobin::build(&pool);
-        // b's slot in "aabacaa" falls through to the next entry, a.
-        assert_eq!(picks(&rr, &pool, &[], 7), "aaaacaa");
+        // b's ticket in "aabacaa" takes the next ticket: a and c keep their 5:1.
+        assert_eq!(picks(&rr, &pool, &[], 12), "aaacaaaaacaa");
         pool[1].state.set_health(Health::Up);
         assert_eq!(
             picks(&rr, &pool, &[], 7),
@@ -138,10 +147,33 @@ mod tests {
     }
 
     #[test]
+    fn a_down_backend_shares_its_load_evenly() {
+        let pool = backends(&[1, 1, 1]);
+        pool[1].state.set_health(Health::Down);
+        let rr = RoundRobin::build(&pool);
+        assert_eq!(picks(&rr, &pool, &[], 6), "acacac");
+        let mut counts = [0usize; 3];
+        for _ in 0..3000 {
+            if let Some(index) = rr.pick(&pool, &[], 1) {
+                counts[index] += 1;
+            }
+        }
+        assert_eq!(counts, [1500, 0, 1500]);
+    }
+
+    #[test]
+    fn heavy_backend_down_finds_the_light_one() {
+        let pool = backends(&[256, 1]);
+        pool[0].state.set_health(Health::Down);
+        let rr = RoundRobin::build(&pool);
+        assert_eq!(picks(&rr, &pool, &[], 5), "bbbbb");
+    }
+
+    #[test]
     fn skips_tried_indices() {
         let pool = backends(&[5, 1, 1]);
         let rr = RoundRobin::build(&pool);
-        assert_eq!(picks(&rr, &pool, &[0], 7), "bbbccbb");
+        assert_eq!(picks(&rr, &pool, &[0], 6), "bcbcbc");
         assert_eq!(picks(&rr, &pool, &[0, 2], 3), "bbb");
         assert_eq!(picks(&rr, &pool, &[0, 1, 2], 3), "---");
     }
