@@ -25,6 +25,16 @@ pub struct Cli {
     /// upgrade socket (its `admin.upgrade_socket`); it drains once this one accepts.
     #[arg(long, global = true, value_name = "SOCKET")]
     pub takeover: Option<PathBuf>,
+    /// Like --takeover when a process serves this upgrade socket; when none does (no such
+    /// file, or nothing listens on it), start on freshly bound sockets. For service units
+    /// whose instances take turns.
+    #[arg(
+        long,
+        global = true,
+        value_name = "SOCKET",
+        conflicts_with = "takeover"
+    )]
+    pub takeover_if_running: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Option<Command>,
 }

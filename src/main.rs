@@ -9,6 +9,7 @@ use tracing::{error, info, warn};
 
 use cli::{Cli, Command};
 use switchyard::config::{self, Config};
+use switchyard::upgrade::Takeover;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -44,15 +45,21 @@ fn main() -> ExitCode {
     }
 
     raise_fd_limit();
-    let takeover = match &cli.takeover {
-        Some(path) => match switchyard::upgrade::Takeover::connect(path) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                eprintln!("switchyard: {e:#}");
-                return ExitCode::FAILURE;
+    let takeover = match (&cli.takeover, &cli.takeover_if_running) {
+        (Some(path), _) => Takeover::connect(path).map(Some),
+        (None, Some(path)) => Takeover::connect_if_running(path).inspect(|t| {
+            if t.is_none() {
+                info!(socket = %path.display(), "no process to take over from; binding");
             }
-        },
-        None => None,
+        }),
+        (None, None) => Ok(None),
+    };
+    let takeover = match takeover {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("switchyard: {e:#}");
+            return ExitCode::FAILURE;
+        }
     };
     let config_path = match &cli.command {
         Some(Command::Forward { .. }) => None,

@@ -1,7 +1,8 @@
 //! Zero-downtime binary upgrade by handing the listening sockets to the new process.
 //!
 //! The running process serves a unix socket (`admin.upgrade_socket`). A new process started
-//! with `--takeover PATH` connects to it and receives every listening socket, TCP and UDP
+//! with `--takeover PATH` (or `--takeover-if-running PATH`, which binds its own sockets when
+//! no process serves PATH) connects to it and receives every listening socket, TCP and UDP
 //! (and the admin socket), as file descriptors (SCM_RIGHTS), with a JSON header naming them
 //! and carrying every backend's live state (health verdict, admin state, weight), so the new
 //! process routes as the old one did from its first connection instead of waiting for its
@@ -112,6 +113,26 @@ impl Takeover {
     pub fn connect(path: &Path) -> anyhow::Result<Takeover> {
         let stream = UnixStream::connect(path)
             .with_context(|| format!("takeover: cannot connect to {}", path.display()))?;
+        Self::receive_from(stream)
+    }
+
+    /// Like [`Takeover::connect`], but `None` when no process serves `path`: the file is
+    /// absent, or nothing listens on it (left by a process that died). For service units
+    /// whose instances take turns: whichever starts takes over if the other runs.
+    pub fn connect_if_running(path: &Path) -> anyhow::Result<Option<Takeover>> {
+        use std::io::ErrorKind;
+        match UnixStream::connect(path) {
+            Ok(stream) => Self::receive_from(stream).map(Some),
+            Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) => {
+                Ok(None)
+            }
+            Err(e) => {
+                Err(e).with_context(|| format!("takeover: cannot connect to {}", path.display()))
+            }
+        }
+    }
+
+    fn receive_from(stream: UnixStream) -> anyhow::Result<Takeover> {
         stream.set_read_timeout(Some(READY_TIMEOUT))?;
         let (header, mut fds) = receive(&stream)?;
         let mut take = |e: &Entry| -> anyhow::Result<Vec<OwnedFd>> {
@@ -594,6 +615,32 @@ mod tests {
             header.admin.expect("admin entry").bind,
             admin.local_addr().expect("addr")
         );
+    }
+
+    #[test]
+    fn takeover_if_running_starts_fresh_when_nobody_serves_the_socket() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("upgrade.sock");
+        assert!(Takeover::connect_if_running(&path)
+            .expect("absent")
+            .is_none());
+        // A file left by a process that died: nothing listens on it.
+        drop(std::os::unix::net::UnixListener::bind(&path).expect("bind"));
+        assert!(path.exists());
+        assert!(Takeover::connect_if_running(&path)
+            .expect("stale")
+            .is_none());
+        assert!(Takeover::connect(&path).is_err());
+        // A running process answers with its sockets.
+        std::fs::remove_file(&path).expect("remove");
+        let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+        let served = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().expect("accept");
+            send(&stream, &[], None, Vec::new()).expect("send");
+        });
+        let taken = Takeover::connect_if_running(&path).expect("served");
+        assert_eq!(taken.expect("a takeover").from_pid, std::process::id());
+        served.join().expect("server thread");
     }
 
     #[test]

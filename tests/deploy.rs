@@ -1,13 +1,19 @@
 //! The shipped monitoring files: the Grafana dashboard parses and every metric its queries
 //! name is one the binary exports (`metrics::names::ALL`, itself checked against a live
 //! scrape in tests/ops.rs); the alert rules name only exported metrics too, and promtool
-//! (Debian's `prometheus` package) checks and unit-tests them when it is installed.
+//! (Debian's `prometheus` package) checks and unit-tests them. The systemd units pass
+//! `systemd-analyze verify` and its offline security check, and the sysusers snippet creates
+//! the user they run as. Tests whose tool is missing are skipped unless
+//! `SWITCHYARD_REQUIRE_TOOLS=1`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
 
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
 
+use common::missing_tool;
 use switchyard::metrics::names;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -146,9 +152,9 @@ fn alert_rules_name_only_exported_metrics() {
 fn promtool_checks_and_unit_tests_the_alert_rules() {
     let dir = Path::new(ROOT).join("deploy/prometheus");
     let Ok(version) = Command::new("promtool").arg("--version").output() else {
-        eprintln!(
-            "\n!!! SKIPPED promtool_checks_and_unit_tests_the_alert_rules: promtool not found \
-             (apt-get install prometheus; .ci/run installs it) !!!\n"
+        missing_tool(
+            "promtool_checks_and_unit_tests_the_alert_rules",
+            "promtool not found (apt-get install prometheus; .ci/run installs it)",
         );
         return;
     };
@@ -170,6 +176,114 @@ fn promtool_checks_and_unit_tests_the_alert_rules() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// A unit file's `Key=value` lines, in order.
+fn unit_settings(text: &str) -> Vec<(&str, &str)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.starts_with('['))
+        .filter_map(|l| l.split_once('='))
+        .collect()
+}
+
+#[test]
+fn systemd_units_verify_and_run_as_one_fixed_user() {
+    let dir = Path::new(ROOT).join("deploy/systemd");
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).expect(name);
+    let (plain, template) = (read("switchyard.service"), read("switchyard@.service"));
+    // The template differs only where taking turns needs it.
+    let only_in_template = [
+        ("Description", "Switchyard L4 load balancer (%i)"),
+        ("ExecStart", "/usr/local/bin/switchyard run -c /etc/switchyard/config.yaml --log-format json --takeover-if-running /run/switchyard/upgrade.sock"),
+        ("RuntimeDirectoryPreserve", "yes"),
+    ];
+    let mut expected = unit_settings(&plain);
+    expected.retain(|(k, _)| !["Description", "ExecStart"].contains(k));
+    let mut shared = unit_settings(&template);
+    shared.retain(|s| !only_in_template.contains(s));
+    assert_eq!(shared, expected, "the units' shared settings differ");
+    for s in only_in_template {
+        assert!(
+            unit_settings(&template).contains(&s),
+            "template lacks {s:?}"
+        );
+    }
+    for s in [
+        ("User", "switchyard"),
+        ("RuntimeDirectory", "switchyard"),
+        ("LogsDirectory", "switchyard"),
+        ("AmbientCapabilities", "CAP_NET_BIND_SERVICE"),
+        ("Restart", "on-failure"),
+    ] {
+        assert!(unit_settings(&plain).contains(&s), "unit lacks {s:?}");
+    }
+    assert!(!plain.contains("DynamicUser"));
+    // Longer than the default shutdown_grace (30s), so draining connections are not killed.
+    let stop = unit_settings(&plain)
+        .into_iter()
+        .find(|(k, _)| *k == "TimeoutStopSec")
+        .and_then(|(_, v)| v.parse::<u64>().ok())
+        .expect("TimeoutStopSec in seconds");
+    assert!(stop > 30, "TimeoutStopSec={stop}");
+
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        missing_tool(
+            "systemd_units_verify_and_run_as_one_fixed_user",
+            "systemd-analyze not found (apt-get install systemd; .ci/run installs it)",
+        );
+        return;
+    }
+    // systemd-analyze checks that each command exists: point them at the built binary.
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, text) in [
+        ("switchyard.service", &plain),
+        ("switchyard@.service", &template),
+    ] {
+        let path = tmp.path().join(name);
+        let text = text.replace(
+            "/usr/local/bin/switchyard",
+            env!("CARGO_BIN_EXE_switchyard"),
+        );
+        std::fs::write(&path, text).unwrap();
+        for args in [
+            &["verify", "--man=no"][..],
+            // Exposure 0 (locked down) to 10 (unprotected), times 10.
+            &["security", "--offline=true", "--threshold=30"],
+        ] {
+            let out = Command::new("systemd-analyze")
+                .args(args)
+                .arg(&path)
+                .output()
+                .expect("run systemd-analyze");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            // verify reports unknown keys and bad values on stderr, yet exits 0.
+            assert!(
+                out.status.success() && stderr.trim().is_empty(),
+                "systemd-analyze {} {name}:\n{stderr}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+    }
+    // The sysusers snippet creates the user the units name.
+    std::fs::create_dir(tmp.path().join("etc")).unwrap();
+    let out = Command::new("systemd-sysusers")
+        .arg(format!("--root={}", tmp.path().display()))
+        .arg("-")
+        .stdin(std::fs::File::open(dir.join("switchyard.sysusers.conf")).unwrap())
+        .output()
+        .expect("run systemd-sysusers");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let passwd = std::fs::read_to_string(tmp.path().join("etc/passwd")).unwrap();
+    assert!(passwd.starts_with("switchyard:x:"), "{passwd}");
 }
 
 #[test]

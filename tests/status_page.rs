@@ -1,86 +1,110 @@
-//! The status page in a real browser: headless Chromium loads `/`, runs its script against
-//! the live admin API, and the rendered DOM must show every listener, pool and backend with
-//! its state. A screenshot is kept in the target directory (`status-page.png`).
-//! Skipped, loudly, where Chromium is not installed (CI installs Debian's `chromium`).
+//! The status page in a real browser: Debian's chromedriver drives headless Chromium over the
+//! W3C WebDriver protocol against a balancer that requires an admin token. The page must
+//! show every listener, pool and backend with its state, ask for the token before its
+//! buttons work, drain a backend on a click, show a change made through the API without
+//! being reloaded, and fetch nothing beyond loopback. Its screenshot is kept in the
+//! integration tests' temp dir (`status-page.png`). Without Chromium or chromedriver the
+//! test is skipped, loudly, unless `SWITCHYARD_REQUIRE_TOOLS=1`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+#[path = "support/webdriver.rs"]
+mod webdriver;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::http::post;
+use common::http::{get, post};
 use common::*;
+use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use webdriver::{ChromeDriver, Session};
 
-fn chromium() -> Option<PathBuf> {
-    ["chromium", "chromium-browser", "google-chrome"]
-        .iter()
-        .flat_map(|name| {
-            std::env::var_os("PATH")
-                .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-                .unwrap_or_default()
-                .into_iter()
-                .map(move |dir| dir.join(name))
-        })
-        .find(|p| p.is_file())
+const TOKEN_ENV: &str = "SWITCHYARD_PAGE_TEST_TOKEN";
+const TOKEN: &str = "page-test-token-0123456789";
+
+/// A backend's row on the page.
+fn row(pool: &str, backend: &str) -> String {
+    format!(r#"[data-pool="{pool}"] [data-backend="{backend}"]"#)
 }
 
-/// Runs Chromium headless with `args` on `url`; returns stdout. Bounded in time; the child is
-/// killed by its PID if it overruns.
-fn run_chromium(binary: &Path, profile: &Path, args: &[&str], url: &str) -> String {
-    let mut child = Command::new(binary)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            "--hide-scrollbars",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .args(args)
-        .arg(url)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start chromium");
-    let stdout = child.stdout.take().expect("stdout");
-    let reader = std::thread::spawn(move || {
-        let mut out = String::new();
-        std::io::Read::read_to_string(&mut { stdout }, &mut out).ok();
-        out
-    });
-    let deadline = Instant::now() + Duration::from_secs(90);
+/// Waits (up to [`LIMIT`]) until `script` run in the page returns `want`; panics with the
+/// last answer.
+async fn wait_page(page: &Session, what: &str, script: &str, want: Value) {
+    let deadline = Instant::now() + LIMIT;
     loop {
-        if child.try_wait().expect("wait").is_some() {
-            break;
+        let got = page.execute(script).await;
+        if got == want {
+            return;
         }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("chromium did not finish within 90s");
-        }
-        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the page still says {got} after {LIMIT:?}, wanted {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    reader.join().expect("reader")
+}
+
+/// Waits (up to [`LIMIT`]) until `GET /api/v1/status` gives the backend this admin state.
+async fn wait_admin_state(admin: SocketAddr, pool: &str, backend: &str, want: &str) {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let status = get(admin, "/api/v1/status").await.json();
+        let state = status["pools"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["name"] == pool)
+            .flat_map(|p| p["backends"].as_array().into_iter().flatten())
+            .find(|b| b["name"] == backend)
+            .map(|b| b["admin_state"].clone());
+        if state == Some(json!(want)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{pool}/{backend}: admin_state {state:?} after {LIMIT:?}, wanted {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Clicks what `css` finds, finding it again when the page re-rendered it in between.
+async fn click(page: &Session, css: &str) {
+    within(css, async {
+        loop {
+            let clicked = match page.find(css).await {
+                Ok(element) => page.click(&element).await,
+                Err(e) => Err(e),
+            };
+            match clicked {
+                Ok(()) => return,
+                Err(e)
+                    if ["stale element reference", "no such element"]
+                        .contains(&e.error.as_str()) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(e) => panic!("click {css}: {e}"),
+            }
+        }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn status_page_renders_in_headless_chromium() {
-    let Some(browser) = chromium() else {
-        eprintln!(
-            "\n!!! SKIPPED status_page_renders_in_headless_chromium: no chromium on PATH \
-             (apt-get install chromium; .ci/run installs it) !!!\n"
+async fn status_page_in_headless_chromium_over_webdriver() {
+    let Some((browser, driver)) = webdriver::tools() else {
+        missing_tool(
+            "status_page_in_headless_chromium_over_webdriver",
+            "chromium or chromedriver is not on PATH (apt-get install chromium chromium-driver; \
+             .ci/run installs them)",
         );
         return;
     };
+    std::env::set_var(TOKEN_ENV, TOKEN);
     let backends = [
         Backend::start("a").await,
         Backend::start("b").await,
@@ -88,7 +112,7 @@ async fn status_page_renders_in_headless_chromium() {
         Backend::start("d").await,
     ];
     let yaml = format!(
-        "admin:\n  bind: 127.0.0.1:0\nlisteners:\n  - {{ name: postgres-write, bind: 127.0.0.1:0, pool: pg-write }}\n  - {{ name: cache, bind: 127.0.0.1:0, pool: cache, max_connections: 500 }}\n  - {{ name: tls, bind: 127.0.0.1:0, tls_passthrough: {{ routes: [{{ sni: [db.example.com], pool: pg-write }}] }} }}\npools:\n  - name: pg-write\n    balance: least_conn\n    health_check: {{ type: tcp, interval: 1h, timeout: 5s, initial_state: up }}\n    backends:\n      - {{ name: pg-1, address: \"{}\" }}\n      - {{ name: pg-2, address: \"{}\", weight: 2 }}\n  - name: cache\n    balance: maglev\n    max_fails: 1\n    fail_duration: 1h\n    backends:\n      - {{ name: cache-a, address: \"{}\" }}\n      - {{ name: cache-b, address: \"{}\" }}\n      - {{ name: cache-c, address: \"{}\" }}\n  - name: replicas\n    backends:\n      - {{ name: r-1, address: \"{}\" }}\n      - {{ name: r-2, address: \"{}\" }}\n",
+        "admin:\n  bind: 127.0.0.1:0\n  token_env: {TOKEN_ENV}\nlisteners:\n  - {{ name: postgres-write, bind: 127.0.0.1:0, pool: pg-write }}\n  - {{ name: cache, bind: 127.0.0.1:0, pool: cache, max_connections: 500 }}\n  - {{ name: tls, bind: 127.0.0.1:0, tls_passthrough: {{ routes: [{{ sni: [db.example.com], pool: pg-write }}] }} }}\npools:\n  - name: pg-write\n    balance: least_conn\n    health_check: {{ type: tcp, interval: 1h, timeout: 5s, initial_state: up }}\n    backends:\n      - {{ name: pg-1, address: \"{}\" }}\n      - {{ name: pg-2, address: \"{}\", weight: 2 }}\n  - name: cache\n    balance: maglev\n    max_fails: 1\n    fail_duration: 1h\n    backends:\n      - {{ name: cache-a, address: \"{}\" }}\n      - {{ name: cache-b, address: \"{}\" }}\n      - {{ name: cache-c, address: \"{}\" }}\n  - name: replicas\n    backends:\n      - {{ name: r-1, address: \"{}\" }}\n      - {{ name: r-2, address: \"{}\" }}\n",
         backends[0].addr,
         backends[1].addr,
         backends[2].addr,
@@ -128,7 +152,7 @@ async fn status_page_renders_in_headless_chromium() {
     let r = post(
         admin,
         "/api/v1/pools/pg-write/backends/pg-2/state",
-        None,
+        Some(TOKEN),
         r#"{"state":"drain"}"#,
     )
     .await;
@@ -136,38 +160,54 @@ async fn status_page_renders_in_headless_chromium() {
     let r = post(
         admin,
         "/api/v1/pools/cache/backends/cache-b/state",
-        None,
+        Some(TOKEN),
         r#"{"state":"maint"}"#,
     )
     .await;
     assert_eq!(r.status, 200);
 
-    let url = format!("http://{admin}/");
-    let profile = tempfile::tempdir().unwrap();
-    let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("status-page.png");
-    let _ = std::fs::remove_file(&shot);
-    let (dom, shot) = tokio::task::spawn_blocking(move || {
-        let dom = run_chromium(
-            &browser,
-            profile.path(),
-            &["--virtual-time-budget=5000", "--dump-dom"],
-            &url,
-        );
-        run_chromium(
-            &browser,
-            profile.path(),
-            &[
-                "--virtual-time-budget=5000",
-                "--window-size=1440,1000",
-                &format!("--screenshot={}", shot.display()),
+    let dir = tempfile::tempdir().unwrap();
+    let driver = ChromeDriver::start(&driver, dir.path()).await;
+    let page = driver
+        .session(&browser, &dir.path().join("profile"), (1440, 1000))
+        .await;
+    page.goto(&format!("http://{admin}/")).await;
+    wait_page(
+        &page,
+        "every backend shown",
+        "return document.querySelectorAll('[data-backend]').length",
+        json!(7),
+    )
+    .await;
+    let rows = page
+        .execute(
+            "const all = (css, f) => [...document.querySelectorAll(css)].map(f);
+             return {
+               listeners: all('[data-listener]', (e) => e.dataset.listener),
+               pools: all('[data-pool]', (e) => e.dataset.pool),
+               backends: all('[data-backend]', (e) =>
+                 [e.closest('[data-pool]').dataset.pool, e.dataset.backend, e.dataset.state].join(' ')),
+             };",
+        )
+        .await;
+    assert_eq!(
+        rows,
+        json!({
+            "listeners": ["postgres-write", "cache", "tls"],
+            "pools": ["pg-write", "cache", "replicas"],
+            "backends": [
+                "pg-write pg-1 up", "pg-write pg-2 drain",
+                "cache cache-a up", "cache cache-b maint", "cache cache-c down",
+                "replicas r-1 up", "replicas r-2 standby",
             ],
-            &url,
-        );
-        (dom, shot)
-    })
-    .await
-    .unwrap();
-
+        })
+    );
+    let dom = page
+        .execute("return document.documentElement.outerHTML")
+        .await
+        .as_str()
+        .unwrap()
+        .to_string();
     for text in [
         "postgres-write",
         "cache",
@@ -217,50 +257,110 @@ async fn status_page_renders_in_headless_chromium() {
         dom.contains("updated "),
         "the page fetched the status:\n{dom}"
     );
-    // With a token required, the page asks for it and keeps the buttons off until then.
-    std::env::set_var("SWITCHYARD_PAGE_TEST_TOKEN", "page-test-token-0123456789");
-    let locked = Balancer::start(&format!(
-        "admin:\n  bind: 127.0.0.1:0\n  token_env: SWITCHYARD_PAGE_TEST_TOKEN\nlisteners:\n  - {{ name: l, bind: 127.0.0.1:0, pool: p }}\npools:\n  - name: p\n    backends: [{{ name: only, address: \"{}\" }}]\n",
-        backends[0].addr
-    ))
+    // The page asks for the token and keeps every button off until it has it.
+    let locked = page
+        .execute(
+            "const buttons = [...document.querySelectorAll('button[data-action]')];
+             return [document.getElementById('token') !== null, buttons.length,
+                     buttons.every((b) => b.disabled),
+                     buttons.every((b) => b.title === 'Enter the admin token to change state')];",
+        )
+        .await;
+    assert_eq!(locked, json!([true, 21, true, true]));
+    // Everything from here on happens in this one page load.
+    page.execute("window.sameLoad = true; return null").await;
+    let input = page
+        .find("#token")
+        .await
+        .unwrap_or_else(|e| panic!("token input: {e}"));
+    page.send_keys(&input, &format!("{TOKEN}\u{E007}"))
+        .await
+        .unwrap_or_else(|e| panic!("type the token: {e}"));
+    let drain = format!(r#"{} button[data-action="drain"]"#, row("cache", "cache-a"));
+    wait_page(
+        &page,
+        "drain button enabled once the token is given",
+        &format!("return document.querySelector('{drain}').disabled"),
+        json!(false),
+    )
     .await;
-    let url = format!("http://{}/", locked.admin.unwrap());
-    let browser = chromium().unwrap();
-    let locked_shot = shot.with_file_name("status-page-token.png");
-    let profile = tempfile::tempdir().unwrap();
-    let locked_dom = tokio::task::spawn_blocking({
-        let locked_shot = locked_shot.clone();
-        move || {
-            run_chromium(
-                &browser,
-                profile.path(),
-                &[
-                    "--virtual-time-budget=5000",
-                    "--window-size=1280,520",
-                    &format!("--screenshot={}", locked_shot.display()),
-                ],
-                &url,
-            );
-            run_chromium(
-                &browser,
-                profile.path(),
-                &["--virtual-time-budget=5000", "--dump-dom"],
-                &url,
-            )
-        }
-    })
-    .await
-    .unwrap();
-    assert!(
-        locked_dom.contains("placeholder=\"admin token\""),
-        "{locked_dom}"
-    );
-    assert!(locked_dom.contains("Enter the admin token to change state"));
-    assert!(std::fs::metadata(&locked_shot).is_ok());
+    click(&page, &drain).await;
+    wait_admin_state(admin, "cache", "cache-a", "drain").await;
+    wait_page(
+        &page,
+        "cache-a drained on the page",
+        &format!(
+            "return document.querySelector('{}').dataset.adminState",
+            row("cache", "cache-a")
+        ),
+        json!("drain"),
+    )
+    .await;
 
-    let png = std::fs::read(&shot).expect("screenshot written");
-    assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
-    assert!(png.len() > 10_000, "screenshot has content");
-    eprintln!("status page screenshot: {}", shot.display());
+    // A change made elsewhere shows up by itself: the refresh after the click is done, and
+    // nothing but the page's timer fetches the status again.
+    let r = post(
+        admin,
+        "/api/v1/pools/pg-write/backends/pg-1/state",
+        Some(TOKEN),
+        r#"{"state":"maint"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    wait_page(
+        &page,
+        "pg-1 in maintenance without a reload",
+        &format!(
+            "const r = document.querySelector('{}');
+             return [r.dataset.adminState, r.dataset.state, window.sameLoad === true];",
+            row("pg-write", "pg-1")
+        ),
+        json!(["maint", "maint", true]),
+    )
+    .await;
+
+    // Every request the page made went to loopback (the page's own admin address).
+    let requests = page
+        .execute(
+            "return performance.getEntriesByType('navigation')
+               .concat(performance.getEntriesByType('resource'))
+               .map((e) => [e.name, new URL(e.name).host]);",
+        )
+        .await;
+    let requests = requests.as_array().unwrap();
+    assert!(
+        requests
+            .iter()
+            .any(|r| r[0].as_str().unwrap().ends_with("/api/v1/status")),
+        "no status fetch among {requests:?}"
+    );
+    for r in requests {
+        let host: SocketAddr = r[1]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap_or_else(|_| panic!("a request to a named host: {r}"));
+        assert!(host.ip().is_loopback(), "a request beyond loopback: {r}");
+    }
+
+    let png = page.screenshot().await;
+    let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("status-page.png");
+    std::fs::write(&shot, &png).unwrap();
+    let (width, height) = webdriver::png_size(&png);
+    assert!(
+        (800..=4000).contains(&width) && (400..=4000).contains(&height),
+        "screenshot of {width}x{height}"
+    );
+    assert!(
+        png.len() > 10_000,
+        "a blank screenshot: {} bytes",
+        png.len()
+    );
+    eprintln!(
+        "status page screenshot ({width}x{height}): {}",
+        shot.display()
+    );
+    page.quit().await;
+    drop(driver);
     drop(held);
 }

@@ -249,7 +249,10 @@ async fn binary_upgrade_by_socket_takeover_drops_no_connection_attempt() {
         ),
     )
     .unwrap();
-    let mut old = spawn(&files.config, &files.old_log, &[]);
+    // Started as deploy/systemd/switchyard@.service starts each instance: with nobody to
+    // take over from, it binds its own sockets.
+    let if_running = ["--takeover-if-running", files.socket.to_str().unwrap()];
+    let mut old = spawn(&files.config, &files.old_log, &if_running);
     ready(admin, &files.old_log).await;
     // b is drained by the operator: only a serves, before the upgrade and after it.
     let r = post(

@@ -1,5 +1,6 @@
-//! A minimal HTTP/1.1 client for the admin API tests: one request per connection
-//! (`Connection: close`), response read to EOF.
+//! A minimal HTTP/1.1 client for the admin API and WebDriver tests: one request per
+//! connection (`Connection: close`), response read up to its `Content-Length` (some servers,
+//! chromedriver among them, keep the connection open), or else to EOF.
 
 use std::net::SocketAddr;
 
@@ -49,7 +50,15 @@ pub async fn request(
         req.push_str(body);
         s.write_all(req.as_bytes()).await.expect("send request");
         let mut raw = Vec::new();
-        s.read_to_end(&mut raw).await.expect("read response");
+        // On the heap: an array here would sit in every caller's future.
+        let mut buf = vec![0u8; 16 * 1024];
+        while !complete(&raw) {
+            let n = s.read(&mut buf).await.expect("read response");
+            if n == 0 {
+                break;
+            }
+            raw.extend_from_slice(&buf[..n]);
+        }
         parse(&raw)
     })
     .await
@@ -67,6 +76,20 @@ pub async fn post(addr: SocketAddr, path: &str, token: Option<&str>, body: &str)
         headers.push(("Authorization", a.as_str()));
     }
     request(addr, "POST", path, &headers, body).await
+}
+
+/// Whether `raw` holds the headers and as many body bytes as their `Content-Length` says;
+/// without one the body ends at EOF.
+fn complete(raw: &[u8]) -> bool {
+    let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    String::from_utf8_lossy(&raw[..end])
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+        .is_some_and(|len| raw.len() >= end + 4 + len)
 }
 
 fn parse(raw: &[u8]) -> Response {

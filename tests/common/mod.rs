@@ -26,6 +26,17 @@ pub async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T
     }
 }
 
+/// For a test whose external tool is missing: panics when `SWITCHYARD_REQUIRE_TOOLS=1` (CI
+/// sets it, having installed the tools), else says loudly that the test is skipped. The
+/// caller returns after it.
+pub fn missing_tool(test: &str, what: &str) {
+    assert!(
+        std::env::var("SWITCHYARD_REQUIRE_TOOLS").as_deref() != Ok("1"),
+        "{test}: {what}, and SWITCHYARD_REQUIRE_TOOLS=1 requires it"
+    );
+    eprintln!("\n!!! SKIPPED {test}: {what} !!!\n");
+}
+
 /// A backend that greets each connection with `name\n`, then echoes everything back and
 /// half-closes when the client does.
 pub struct Backend {
