@@ -11,8 +11,8 @@ use arc_swap::ArcSwap;
 
 use crate::backend::{Backend, BackendState, Breaker};
 use crate::balance::Balancer;
-use crate::config::{Config, HashKey, ListenerConfig, PoolConfig};
-use crate::metrics::{BackendMetrics, ListenerMetrics, Metrics, PoolMetrics, Removed};
+use crate::config::{Config, HashKey, ListenerConfig, PoolConfig, Protocol};
+use crate::metrics::{BackendMetrics, ListenerMetrics, Metrics, PoolMetrics, Removed, UdpMetrics};
 
 /// One pool as built from the config: backends in config order, their metric handles
 /// (same order), and the balancer over them.
@@ -38,6 +38,8 @@ pub struct Route {
     pub config: ListenerConfig,
     pub pool: Arc<Pool>,
     pub metrics: ListenerMetrics,
+    /// A UDP listener's flow and datagram counters (read by the status document).
+    pub udp_metrics: Option<UdpMetrics>,
     /// PROXY header, ACL and TLS-by-SNI settings, pools resolved.
     pub routing: crate::route::Routing,
 }
@@ -206,6 +208,7 @@ fn build(
                 config: lc.clone(),
                 pool,
                 metrics: metrics.listener(&lc.name),
+                udp_metrics: (lc.protocol == Protocol::Udp).then(|| metrics.udp(&lc.name)),
                 routing: crate::route::Routing::build(lc, &pools),
             };
             Some((lc.name.clone(), Arc::new(route)))

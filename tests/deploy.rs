@@ -102,8 +102,8 @@ fn dashboard_queries_name_only_exported_metrics() {
             used.insert(name);
         }
     }
-    // The dashboard covers what the issue asks: connections, throughput, backend states,
-    // check latency and failovers.
+    // The dashboard covers connections, throughput, backend states, check latency,
+    // failovers and UDP flows.
     for needed in [
         names::LISTENER_CONNECTIONS_ACTIVE,
         names::LISTENER_BYTES_FROM_CLIENTS,
@@ -116,6 +116,15 @@ fn dashboard_queries_name_only_exported_metrics() {
         names::BACKEND_DOWN_REASON,
         names::POOL_SPLIT_BRAIN,
         names::POOL_FALLBACK,
+        // UDP: flows, datagrams and drops.
+        names::UDP_FLOWS_ACTIVE,
+        names::UDP_FLOWS_CREATED,
+        names::UDP_FLOWS_EXPIRED,
+        names::UDP_DATAGRAMS_FROM_CLIENTS,
+        names::UDP_DATAGRAMS_TO_CLIENTS,
+        names::UDP_BYTES_FROM_CLIENTS,
+        names::UDP_DATAGRAMS_DROPPED,
+        names::BACKEND_UDP_UNREACHABLE,
     ] {
         assert!(used.contains(needed), "dashboard lacks {needed}");
     }

@@ -7,7 +7,6 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::io::Write;
-use std::time::Duration;
 
 use common::http::{get, post, request};
 use common::*;
@@ -43,16 +42,6 @@ fn write_file(path: &std::path::Path, text: &str) {
     f.write_all(text.as_bytes()).expect("write");
     drop(f);
     std::fs::rename(&tmp, path).expect("rename");
-}
-
-/// Polls a condition every 10 ms, for at most [`LIMIT`].
-async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    within(what, async {
-        while !f() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
 }
 
 fn backend<'a>(status: &'a serde_json::Value, pool: &str, name: &str) -> &'a serde_json::Value {
@@ -105,6 +94,7 @@ async fn health_ready_status_and_page_are_served() {
     assert_eq!(l["protocol"], "tcp");
     assert_eq!(l["local_addr"], lb.addr("l").to_string());
     assert_eq!(l["connections"]["accepted"], 1);
+    assert!(l["udp"].is_null(), "a tcp listener has no udp block");
     let b = backend(&s, "p", "a");
     assert_eq!(b["address"], a.addr.to_string());
     assert_eq!(b["state"], "up");
@@ -668,6 +658,123 @@ async fn reload_adds_and_removes_udp_listeners_without_cutting_flows() {
 }
 
 #[tokio::test]
+async fn status_and_backend_bytes_count_udp_flows() {
+    let echo = udp_echo().await;
+    let lb = Balancer::start(&format!(
+        "admin:\n  bind: 127.0.0.1:0\nlisteners:\n  - {{ name: u, bind: 127.0.0.1:0, protocol: udp, pool: p, udp: {{ idle_timeout: 30s, max_flows: 1 }} }}\npools:\n  - name: p\n    backends: [{{ name: e, address: \"{echo}\" }}]\n"
+    ))
+    .await;
+    let admin = lb.admin.unwrap();
+    let to = lb.addr("u");
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    udp_round_trip(&client, to, b"hello").await;
+    udp_round_trip(&client, to, b"again!").await;
+    // A second client would be a second flow, beyond max_flows: dropped.
+    let other = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for _ in 0..2 {
+        other.send_to(b"x", to).await.unwrap();
+    }
+    let dropped = [("reason", "max_flows")];
+    wait_counter(&lb, "switchyard_udp_datagrams_dropped_total", &dropped, 2).await;
+    wait_counter(&lb, "switchyard_udp_bytes_to_clients_total", &[], 11).await;
+
+    let s = get(admin, "/api/v1/status").await.json();
+    let l = &s["listeners"][0];
+    assert_eq!(l["protocol"], "udp");
+    let u = &l["udp"];
+    assert_eq!(u["max_flows"], 1);
+    assert_eq!(u["idle_timeout_seconds"], 30.0);
+    assert!(u["responses"].is_null());
+    assert_eq!(u["flows"]["active"], 1, "{u}");
+    assert_eq!(u["flows"]["created"], 1, "{u}");
+    assert_eq!(u["flows"]["expired"]["idle_timeout"], 0, "{u}");
+    assert_eq!(u["datagrams"]["from_clients"], 2, "{u}");
+    assert_eq!(u["datagrams"]["to_clients"], 2, "{u}");
+    assert_eq!(u["bytes"]["from_clients"], 11, "{u}");
+    assert_eq!(u["bytes"]["to_clients"], 11, "{u}");
+    assert_eq!(u["dropped"], 2, "{u}");
+    assert_eq!(u["dropped_by_reason"]["max_flows"], 2, "{u}");
+    assert_eq!(u["dropped_by_reason"]["no_backend"], 0, "{u}");
+    // The listener's bytes are the datagrams' for UDP.
+    assert_eq!(l["bytes"]["from_clients"], 11);
+    assert_eq!(l["bytes"]["to_clients"], 11);
+    // The backend counts the flow and its bytes, in the status and in /metrics.
+    let b = backend(&s, "p", "e");
+    assert_eq!(b["connections"]["active"], 1);
+    assert_eq!(b["bytes"]["from_clients"], 11);
+    assert_eq!(b["bytes"]["to_clients"], 11);
+    let m = get(admin, "/metrics").await.body;
+    let pe = [("pool", "p"), ("backend", "e")];
+    assert_eq!(
+        sample(&m, "switchyard_backend_bytes_from_clients_total", &pe),
+        Some(11.0)
+    );
+    assert_eq!(
+        sample(&m, "switchyard_backend_bytes_to_clients_total", &pe),
+        Some(11.0)
+    );
+}
+
+#[tokio::test]
+async fn reload_refuses_a_udp_listener_on_the_address_of_one_it_removes() {
+    let echo = udp_echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("switchyard.yaml");
+    // A free port for the listener whose address the reloads try to reuse.
+    let fixed = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let yaml = |listeners: &str| {
+        format!(
+            "listeners:\n{listeners}pools:\n  - name: p\n    backends: [{{ name: e, address: \"{echo}\" }}]\n"
+        )
+    };
+    let other = "  - { name: other, bind: 127.0.0.1:0, protocol: udp, pool: p }\n";
+    write_file(
+        &path,
+        &yaml(&format!(
+            "  - {{ name: dns, bind: \"{fixed}\", protocol: udp, pool: p }}\n{other}"
+        )),
+    );
+    let lb = Balancer::start_file(&path).await;
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    udp_round_trip(&client, fixed, b"before").await;
+
+    // Renamed on the same address; and another listener moved to the address dns leaves.
+    let renamed = yaml(&format!(
+        "  - {{ name: dns2, bind: \"{fixed}\", protocol: udp, pool: p }}\n{other}"
+    ));
+    let moved = yaml(&format!(
+        "  - {{ name: other, bind: \"{fixed}\", protocol: udp, pool: p }}\n"
+    ));
+    for (text, name) in [(renamed, "dns2"), (moved, "other")] {
+        write_file(&path, &text);
+        let e = lb
+            .control
+            .reload()
+            .await
+            .expect_err("a udp listener on a removed one's address")
+            .to_string();
+        assert!(
+            e.contains(&format!(
+                "listener \"{name}\": udp {fixed} is still served by listener \"dns\""
+            )),
+            "{e}"
+        );
+        assert!(e.contains("cannot be renamed"), "{e}");
+    }
+    assert_eq!(lb.control.reload_status().failed, 2);
+    // The running config stays: dns serves its address, old and new clients alike.
+    assert_eq!(lb.control.local_addr("dns"), Some(fixed));
+    assert!(lb.control.local_addr("other").is_some());
+    assert!(lb.control.local_addr("dns2").is_none());
+    udp_round_trip(&client, fixed, b"after").await;
+    let fresh = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    udp_round_trip(&fresh, fixed, b"new").await;
+}
+
+#[tokio::test]
 async fn access_log_records_connections_turned_away_at_max_connections() {
     let a = Backend::start("a").await;
     let dir = tempfile::tempdir().unwrap();
@@ -904,27 +1011,50 @@ async fn reload_closes_connections_of_removed_backends_only_in_close_connections
 
 #[tokio::test]
 async fn readyz_waits_for_the_first_checks() {
-    // Accepts TCP (the kernel completes the handshake) and never answers: the first check
-    // of this backend lasts its whole timeout.
-    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // Accepts TCP connections and holds them, never answering, until released: the mongodb
+    // check of this backend waits for a reply (its timeout is an hour), so its first check
+    // cannot end before the test releases it.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        tokio::pin!(released);
+        loop {
+            tokio::select! {
+                _ = &mut released => return,
+                accepted = silent.accept() => {
+                    if let Ok((stream, _)) = accepted {
+                        held.push(stream);
+                    }
+                }
+            }
+        }
+    });
     let a = Backend::start("a").await;
     let yaml = format!(
-        "admin:\n  bind: 127.0.0.1:0\nlisteners:\n  - {{ name: l, bind: 127.0.0.1:0, pool: p }}\npools:\n  - name: p\n    health_check: {{ type: mongodb, interval: 1h, timeout: 3s, mongodb: {{ role: any }} }}\n    backends: [{{ name: silent, address: \"{}\" }}]\n  - name: q\n    backends: [{{ name: a, address: \"{}\" }}]\n",
-        silent.local_addr().unwrap(),
+        "admin:\n  bind: 127.0.0.1:0\nlisteners:\n  - {{ name: l, bind: 127.0.0.1:0, pool: p }}\npools:\n  - name: p\n    health_check: {{ type: mongodb, interval: 1h, timeout: 1h, mongodb: {{ role: any }} }}\n    backends: [{{ name: silent, address: \"{silent_addr}\" }}]\n  - name: q\n    backends: [{{ name: a, address: \"{}\" }}]\n",
         a.addr
     );
     let lb = Balancer::start(&yaml).await;
     let admin = lb.admin.unwrap();
     let state = lb.shared.backend_state("p", "silent").unwrap();
     let r = get(admin, "/readyz").await;
-    if state.last_check().is_none() {
-        assert_eq!(r.status, 503, "ready before the first check: {}", r.body);
-        assert_eq!(get(admin, "/api/v1/status").await.json()["ready"], false);
-    }
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (503, "not ready\n"),
+        "ready before the first check"
+    );
+    assert_eq!(get(admin, "/api/v1/status").await.json()["ready"], false);
+    assert!(state.last_check().is_none());
+    // Closing the held connections ends the check (failed, but run).
+    release.send(()).unwrap();
+    holder.await.unwrap();
     wait_for("first check", || state.last_check().is_some()).await;
     wait_for("ready", || lb.control.is_ready()).await;
     let r = get(admin, "/readyz").await;
     assert_eq!((r.status, r.body.as_str()), (200, "ready\n"));
+    assert_eq!(get(admin, "/api/v1/status").await.json()["ready"], true);
 }
 
 #[tokio::test]

@@ -1,7 +1,8 @@
 //! UDP flow forwarding end to end, on real loopback sockets: a real DNS server answered
 //! through the balancer by a real client, datagram-exact echo with many clients, idle
-//! expiry, `responses`, `max_flows`, failover (backend down, ICMP port unreachable) and
-//! Maglev stickiness per client address and port.
+//! expiry, `responses`, `max_flows`, failover (backend down, maint, ICMP port unreachable;
+//! drain keeps flows), the fallback pool, Maglev stickiness per client address and port,
+//! and the access log record of a flow.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -9,10 +10,11 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::*;
-use switchyard::backend::Health;
+use switchyard::backend::{AdminState, Health};
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 
@@ -101,32 +103,59 @@ async fn client() -> UdpSocket {
     UdpSocket::bind("127.0.0.1:0").await.expect("bind client")
 }
 
-/// Sends `msg` to `to` until a datagram arrives (resending every 500ms, as a UDP client
-/// would); returns the first datagram received.
-async fn exchange(socket: &UdpSocket, to: SocketAddr, msg: &[u8]) -> Vec<u8> {
+/// How long a client waits for a reply before sending again, as a UDP client does when a
+/// datagram is lost. Long, so that a reply slowed down on a loaded machine is seldom asked
+/// for twice (and when it is, [`exchange`] skips the second answer).
+const RESEND: Duration = Duration::from_secs(3);
+
+/// Sends `msg` to `to` until a datagram that `accept` takes arrives (resending every
+/// [`RESEND`]) and returns it; the others (late answers to earlier sends) are skipped.
+async fn send_until(
+    socket: &UdpSocket,
+    to: SocketAddr,
+    msg: &[u8],
+    mut accept: impl FnMut(&[u8]) -> bool,
+) -> Vec<u8> {
     let mut buf = vec![0u8; 65536];
     within("udp exchange", async {
         loop {
             socket.send_to(msg, to).await.expect("send");
-            if let Ok(r) =
-                tokio::time::timeout(Duration::from_millis(500), socket.recv(&mut buf)).await
-            {
+            let resend = tokio::time::Instant::now() + RESEND;
+            while let Ok(r) = tokio::time::timeout_at(resend, socket.recv(&mut buf)).await {
                 let n = r.expect("recv");
-                return buf[..n].to_vec();
+                if accept(&buf[..n]) {
+                    return buf[..n].to_vec();
+                }
             }
         }
     })
     .await
 }
 
-/// Polls a counter until it reaches `want` (bounded by `within`).
-async fn wait_counter(lb: &Balancer, name: &str, labels: &[(&str, &str)], want: u64) {
-    within(&format!("{name} {labels:?} to reach {want}"), async {
-        while lb.counter(name, labels) < want {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+/// Sends `msg` with a sequence number appended until the reply to it arrives, and returns
+/// that reply without the number. The test backends answer with the datagram, perhaps after
+/// a prefix, so a reply to this message ends with its number; a late reply to an earlier
+/// message (a resend answered twice) does not, and is skipped.
+async fn exchange(socket: &UdpSocket, to: SocketAddr, msg: &[u8]) -> Vec<u8> {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let tag = format!("#{}", SEQ.fetch_add(1, Ordering::Relaxed));
+    let tagged = [msg, tag.as_bytes()].concat();
+    let mut reply = send_until(socket, to, &tagged, |r| r.ends_with(tag.as_bytes())).await;
+    reply.truncate(reply.len() - tag.len());
+    reply
+}
+
+/// Sends `msg` once and returns the first datagram that comes back: for tests where a
+/// resend would change what is counted (a second request in a `responses` flow).
+/// Loopback does not lose a lone datagram.
+async fn query_once(socket: &UdpSocket, to: SocketAddr, msg: &[u8]) -> Vec<u8> {
+    socket.send_to(msg, to).await.expect("send");
+    let mut buf = vec![0u8; 65536];
+    let n = within("udp reply", socket.recv(&mut buf))
+        .await
+        .expect("recv");
+    buf.truncate(n);
+    buf
 }
 
 const FLOWS_ACTIVE: &str = "switchyard_udp_flows_active";
@@ -169,18 +198,14 @@ async fn echo_is_datagram_exact_for_many_concurrent_clients() {
                 let len = SIZES[(i + c) % SIZES.len()];
                 let msg = payload(c, i, len);
                 // Resent datagrams may echo twice: skip echoes of earlier messages.
-                let got = within("matching echo", async {
-                    loop {
-                        let got = exchange(&socket, to, &msg).await;
-                        if got == msg {
-                            return got;
-                        }
-                        assert!(
-                            (0..i).any(|j| payload(c, j, SIZES[(j + c) % SIZES.len()]) == got),
-                            "client {c} message {i}: got {} bytes that were never sent",
-                            got.len()
-                        );
-                    }
+                let got = send_until(&socket, to, &msg, |got| {
+                    assert!(
+                        got == msg
+                            || (0..i).any(|j| payload(c, j, SIZES[(j + c) % SIZES.len()]) == got),
+                        "client {c} message {i}: got {} bytes that were never sent",
+                        got.len()
+                    );
+                    got == msg
                 })
                 .await;
                 assert_eq!(got.len(), len);
@@ -193,8 +218,8 @@ async fn echo_is_datagram_exact_for_many_concurrent_clients() {
     for t in tasks {
         total += t.await.expect("client");
     }
-    assert!(lb.counter("switchyard_udp_bytes_from_clients_total", &[]) >= total);
-    assert!(lb.counter("switchyard_udp_bytes_to_clients_total", &[]) >= total);
+    wait_counter(&lb, "switchyard_udp_bytes_from_clients_total", &[], total).await;
+    wait_counter(&lb, "switchyard_udp_bytes_to_clients_total", &[], total).await;
     assert_eq!(
         lb.counter(FLOWS_CREATED, &[]),
         CLIENTS as u64,
@@ -207,19 +232,15 @@ async fn echo_is_datagram_exact_for_many_concurrent_clients() {
 #[tokio::test]
 async fn idle_flows_expire_and_the_next_datagram_starts_a_new_one() {
     let backend = UdpBackend::start("echo", Reply::Echo).await;
-    let lb = Balancer::start(&udp_config(
-        "      idle_timeout: 200ms\n",
-        "",
-        &[backend.addr],
-    ))
-    .await;
+    let lb = Balancer::start(&udp_config("      idle_timeout: 1s\n", "", &[backend.addr])).await;
     let socket = client().await;
     assert_eq!(exchange(&socket, lb.addr("l"), b"one").await, b"one");
-    assert_eq!(lb.counter(FLOWS_ACTIVE, &[]), 1);
     wait_counter(&lb, FLOWS_EXPIRED, &[("reason", "idle_timeout")], 1).await;
-    assert_eq!(lb.counter(FLOWS_ACTIVE, &[]), 0);
+    wait_for("no flow left", || lb.counter(FLOWS_ACTIVE, &[]) == 0).await;
+    let created = lb.counter(FLOWS_CREATED, &[]);
     assert_eq!(exchange(&socket, lb.addr("l"), b"two").await, b"two");
-    assert_eq!(lb.counter(FLOWS_CREATED, &[]), 2);
+    assert_eq!(lb.counter(FLOWS_CREATED, &[]), created + 1, "a new flow");
+    assert_eq!(lb.counter(FLOWS_ACTIVE, &[]), 1);
 }
 
 #[tokio::test]
@@ -232,12 +253,21 @@ async fn responses_one_ends_the_flow_after_the_first_reply() {
     ))
     .await;
     let socket = client().await;
+    let mut buf = [0u8; 64];
     for i in 0..3 {
         let msg = format!("q{i}");
-        let got = exchange(&socket, lb.addr("l"), msg.as_bytes()).await;
-        // Had the backend's second reply been forwarded, it would be read here instead.
+        let got = query_once(&socket, lb.addr("l"), msg.as_bytes()).await;
         assert_eq!(got, format!("first:{msg}").as_bytes());
         wait_counter(&lb, FLOWS_EXPIRED, &[("reason", "responses")], i + 1).await;
+        // The flow ended as it forwarded the first reply: a second one forwarded with it
+        // would already be waiting here.
+        match socket.try_recv(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            other => panic!(
+                "a second reply was forwarded: {other:?} {:?}",
+                String::from_utf8_lossy(&buf)
+            ),
+        }
     }
     assert_eq!(lb.counter(FLOWS_CREATED, &[]), 3);
     assert_eq!(lb.counter(FLOWS_ACTIVE, &[]), 0);
@@ -304,6 +334,168 @@ async fn backend_down_moves_the_flow_on_its_next_datagram() {
             other.name
         );
     }
+}
+
+#[tokio::test]
+async fn drain_and_weight_zero_keep_existing_flows_and_maint_moves_them() {
+    let a = UdpBackend::start("a", Reply::Named).await;
+    let b = UdpBackend::start("b", Reply::Named).await;
+    let lb = Balancer::start(&udp_config(
+        "      idle_timeout: 30s\n",
+        "",
+        &[a.addr, b.addr],
+    ))
+    .await;
+    let to = lb.addr("l");
+    let held = client().await;
+    let first = answered_by(&exchange(&held, to, b"1").await);
+    let (taken, other) = if first == "a" { (&a, &b) } else { (&b, &a) };
+    let name = taken.addr.to_string();
+    let kept_and_new_go_elsewhere = |what: &'static str| {
+        let (held, first, other) = (&held, &first, &other.name);
+        async move {
+            for i in 0..3 {
+                let msg = format!("{what}{i}");
+                assert_eq!(
+                    &answered_by(&exchange(held, to, msg.as_bytes()).await),
+                    first,
+                    "{what}: the existing flow stays on its backend"
+                );
+                let fresh = client().await;
+                assert_eq!(
+                    &answered_by(&exchange(&fresh, to, msg.as_bytes()).await),
+                    other,
+                    "{what}: a new client goes to the other backend"
+                );
+            }
+        }
+    };
+
+    lb.control
+        .set_weight("p", &name, Some(0))
+        .await
+        .expect("weight 0");
+    kept_and_new_go_elsewhere("weight0-").await;
+    lb.control
+        .set_weight("p", &name, None)
+        .await
+        .expect("configured weight");
+    lb.control
+        .set_admin_state("p", &name, AdminState::Drain)
+        .expect("drain");
+    kept_and_new_go_elsewhere("drain-").await;
+    assert_eq!(lb.counter(FLOWS_EXPIRED, &[("reason", "backend_down")]), 0);
+    assert_eq!(
+        lb.counter(FLOWS_CREATED, &[]),
+        7,
+        "the held flow and six new ones"
+    );
+
+    lb.control
+        .set_admin_state("p", &name, AdminState::Maint)
+        .expect("maint");
+    assert_eq!(
+        answered_by(&exchange(&held, to, b"maint").await),
+        other.name,
+        "maint moves the existing flow on its next datagram"
+    );
+    assert_eq!(lb.counter(FLOWS_EXPIRED, &[("reason", "backend_down")]), 1);
+}
+
+#[tokio::test]
+async fn new_flows_use_the_fallback_pool_while_no_backend_is_available() {
+    let main = UdpBackend::start("main", Reply::Named).await;
+    let spare = UdpBackend::start("spare", Reply::Named).await;
+    let lb = Balancer::start(&format!(
+        "listeners:
+  - {{ name: l, bind: 127.0.0.1:0, protocol: udp, pool: p }}
+pools:
+  - name: p
+    fallback_pool: f
+    backends: [{{ name: main, address: \"{}\" }}]
+  - name: f
+    backends: [{{ name: spare, address: \"{}\" }}]
+",
+        main.addr, spare.addr
+    ))
+    .await;
+    let to = lb.addr("l");
+    let held = client().await;
+    assert_eq!(answered_by(&exchange(&held, to, b"1").await), "main");
+    let fallback = [("pool", "p")];
+    assert_eq!(lb.counter("switchyard_pool_fallback_total", &fallback), 0);
+
+    let state = lb.shared.backend_state("p", "main").expect("main");
+    state.set_health(Health::Down);
+    // The held flow moves, to the fallback pool; so do new clients.
+    assert_eq!(answered_by(&exchange(&held, to, b"2").await), "spare");
+    let fresh = client().await;
+    assert_eq!(answered_by(&exchange(&fresh, to, b"3").await), "spare");
+    assert_eq!(lb.counter("switchyard_pool_fallback_total", &fallback), 2);
+    assert_eq!(
+        lb.counter(
+            "switchyard_backend_connections_active",
+            &[("pool", "f"), ("backend", "spare")]
+        ),
+        2,
+        "both flows are counted on the fallback backend"
+    );
+
+    // Back up: new clients use the pool again.
+    state.set_health(Health::Up);
+    let later = client().await;
+    assert_eq!(answered_by(&exchange(&later, to, b"4").await), "main");
+    assert_eq!(lb.counter("switchyard_pool_fallback_total", &fallback), 2);
+    // No backend in either pool: the datagram is dropped as no_backend.
+    state.set_health(Health::Down);
+    lb.shared
+        .backend_state("f", "spare")
+        .expect("spare")
+        .set_health(Health::Down);
+    client().await.send_to(b"nowhere", to).await.expect("send");
+    wait_counter(&lb, DROPPED, &[("reason", "no_backend")], 1).await;
+}
+
+#[tokio::test]
+async fn access_log_writes_one_record_per_flow_at_its_end() {
+    let backend = UdpBackend::start("echo", Reply::Echo).await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let yaml = format!(
+        "access_log:\n  path: {}\n  format: json\n{}",
+        log.display(),
+        udp_config(
+            "      idle_timeout: 30s\n      responses: 1\n",
+            "",
+            &[backend.addr]
+        )
+    );
+    let mut lb = Balancer::start(&yaml).await;
+    let socket = client().await;
+    assert_eq!(query_once(&socket, lb.addr("l"), b"query").await, b"query");
+    wait_counter(&lb, FLOWS_EXPIRED, &[("reason", "responses")], 1).await;
+    lb.begin_shutdown();
+    lb.finished().await;
+    let text = std::fs::read_to_string(&log).expect("access log");
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON record"))
+        .collect();
+    assert_eq!(records.len(), 1, "{text}");
+    let r = &records[0];
+    assert_eq!(r["listener"], "l");
+    assert_eq!(r["client"], socket.local_addr().unwrap().to_string());
+    assert_eq!(r["pool"], "p");
+    // Unnamed, a backend is called by its address.
+    assert_eq!(r["backend"], backend.addr.to_string());
+    assert_eq!(r["backend_address"], backend.addr.to_string());
+    assert_eq!(r["bytes_from_client"], 5);
+    assert_eq!(r["bytes_to_client"], 5);
+    assert_eq!(r["reason"], "responses");
+    assert!(r["sni"].is_null());
+    assert!(r["duration_ms"].as_f64().is_some_and(|d| d >= 0.0), "{r}");
+    assert!(r["time"].as_str().is_some_and(|t| t.ends_with('Z')), "{r}");
+    assert_eq!(lb.counter("switchyard_access_log_records_total", &[]), 1);
 }
 
 #[tokio::test]
@@ -606,7 +798,7 @@ async fn real_dns_server_answers_dig_through_the_balancer() {
         String::from_utf8_lossy(&out.stdout)
     );
     wait_counter(&lb, FLOWS_EXPIRED, &[("reason", "responses")], 2).await;
-    assert!(lb.counter("switchyard_udp_datagrams_to_clients_total", &[]) >= 2);
+    wait_counter(&lb, "switchyard_udp_datagrams_to_clients_total", &[], 2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

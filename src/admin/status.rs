@@ -5,7 +5,8 @@
 //! A backend's `state` is one of up, down, standby, drain, maint. Its `health` object
 //! (`{state, reason, last_check}`) is what checking concluded: today the passive breaker
 //! and the health atomic; active checks fill `last_check`. Listeners carry a `protocol` and
-//! per-protocol fields (`tls` for TLS passthrough: routes by SNI and the default pool).
+//! per-protocol fields (`tls` for TLS passthrough: routes by SNI and the default pool;
+//! `udp` for UDP: flows, datagrams and drops).
 
 use std::collections::BTreeMap;
 
@@ -13,11 +14,13 @@ use serde::Serialize;
 
 use crate::backend::{AdminState, Backend, Health};
 use crate::clock;
-use crate::config::{SniPattern, TlsPassthrough};
+use crate::config::{SniPattern, TlsPassthrough, UdpConfig};
 use crate::conn::CloseReason;
 use crate::control::{admin_state_name, unix_seconds, Control};
+use crate::metrics::UdpMetrics;
 use crate::route::Refusal;
 use crate::state::{Pool, Route};
+use crate::udp::{DropReason, FlowEnd};
 
 /// Overall backend states, as used in the status document and `switchyard_backend_state`.
 pub const BACKEND_STATES: [&str; 5] = ["up", "down", "standby", "drain", "maint"];
@@ -65,7 +68,37 @@ pub struct ListenerStatus {
     pub max_connections: usize,
     pub idle_timeout_seconds: f64,
     pub connections: ListenerConnections,
+    /// Bytes each way, whatever the protocol (for UDP, datagram payloads).
     pub bytes: Bytes,
+    /// Flows, datagrams and drops, when the listener is UDP.
+    pub udp: Option<UdpStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct UdpStatus {
+    pub idle_timeout_seconds: f64,
+    pub responses: Option<u32>,
+    pub max_flows: usize,
+    pub flows: UdpFlows,
+    pub datagrams: Datagrams,
+    pub bytes: Bytes,
+    /// Datagrams not forwarded: the total, and by reason (`max_flows`, `no_backend`, ...).
+    pub dropped: u64,
+    pub dropped_by_reason: BTreeMap<&'static str, u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct UdpFlows {
+    pub active: i64,
+    pub created: u64,
+    /// Flows ended, by reason (`idle_timeout`, `responses`, `backend_down`, ...).
+    pub expired: BTreeMap<&'static str, u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Datagrams {
+    pub from_clients: u64,
+    pub to_clients: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -287,6 +320,36 @@ fn tls_status(t: &TlsPassthrough) -> TlsStatus {
     }
 }
 
+fn udp_status(config: &UdpConfig, m: &UdpMetrics) -> UdpStatus {
+    let dropped_by_reason: BTreeMap<&'static str, u64> = DropReason::ALL
+        .iter()
+        .map(|r| (r.as_str(), m.dropped(*r).get()))
+        .collect();
+    UdpStatus {
+        idle_timeout_seconds: config.idle_timeout.as_secs_f64(),
+        responses: config.responses,
+        max_flows: config.max_flows,
+        flows: UdpFlows {
+            active: m.flows_active.get(),
+            created: m.flows_created.get(),
+            expired: FlowEnd::ALL
+                .iter()
+                .map(|r| (r.as_str(), m.flows_expired(*r).get()))
+                .collect(),
+        },
+        datagrams: Datagrams {
+            from_clients: m.datagrams_from_clients.get(),
+            to_clients: m.datagrams_to_clients.get(),
+        },
+        bytes: Bytes {
+            from_clients: m.bytes_from_clients.get(),
+            to_clients: m.bytes_to_clients.get(),
+        },
+        dropped: dropped_by_reason.values().sum(),
+        dropped_by_reason,
+    }
+}
+
 fn listener_status(route: &Route, control: &Control) -> ListenerStatus {
     let m = &route.metrics;
     let running = control.listeners();
@@ -296,6 +359,10 @@ fn listener_status(route: &Route, control: &Control) -> ListenerStatus {
         .iter()
         .map(|r| (r.as_str(), m.refused(*r).get()))
         .collect();
+    let udp = route
+        .udp_metrics
+        .as_ref()
+        .map(|u| udp_status(&route.config.udp, u));
     ListenerStatus {
         name: route.config.name.clone(),
         protocol: match route.config.protocol {
@@ -322,10 +389,17 @@ fn listener_status(route: &Route, control: &Control) -> ListenerStatus {
                 .map(|r| (r.as_str(), m.closed(*r).get()))
                 .collect(),
         },
-        bytes: Bytes {
-            from_clients: m.bytes_from_clients.get(),
-            to_clients: m.bytes_to_clients.get(),
+        bytes: match &udp {
+            Some(u) => Bytes {
+                from_clients: u.bytes.from_clients,
+                to_clients: u.bytes.to_clients,
+            },
+            None => Bytes {
+                from_clients: m.bytes_from_clients.get(),
+                to_clients: m.bytes_to_clients.get(),
+            },
         },
+        udp,
     }
 }
 

@@ -201,6 +201,15 @@ impl BackendState {
             && self.down_until_ms.load(Ordering::Relaxed) <= now_ms
     }
 
+    /// Whether traffic already on this backend may stay on it at `now_ms`: drain (and a
+    /// weight of 0) only keep new connections away, while maint, a health verdict other
+    /// than up, and an open passive breaker take it out. UDP flows move when this is false.
+    pub fn may_keep_traffic(&self, now_ms: u64) -> bool {
+        self.admin.load(Ordering::Relaxed) != AdminState::Maint as u8
+            && self.health.load(Ordering::Relaxed) == Health::Up as u8
+            && self.down_until_ms.load(Ordering::Relaxed) <= now_ms
+    }
+
     /// Connections currently open to this backend.
     pub fn active(&self) -> u64 {
         self.active.load(Ordering::Relaxed)
@@ -470,6 +479,30 @@ mod tests {
         gone.retire();
         assert_eq!(open.recv().await, CloseReason::BackendDown);
         assert_eq!(gone.standing_close(), Some(CloseReason::BackendDown));
+    }
+
+    #[test]
+    fn drain_keeps_existing_traffic_while_maint_down_and_breaker_do_not() {
+        let s = BackendState::new();
+        assert!(s.may_keep_traffic(10) && s.is_available(10));
+        s.set_admin(AdminState::Drain);
+        assert!(!s.is_available(10), "no new connections");
+        assert!(s.may_keep_traffic(10), "existing ones stay");
+        s.set_admin(AdminState::Maint);
+        assert!(!s.may_keep_traffic(10));
+        s.set_admin(AdminState::Ready);
+        s.set_status(HealthStatus::STANDBY);
+        assert!(!s.may_keep_traffic(10));
+        s.set_status(HealthStatus::down(DownReason::Timeout));
+        assert!(!s.may_keep_traffic(10));
+        s.set_status(HealthStatus::UP);
+        let breaker = Breaker {
+            max_fails: 1,
+            fail_duration_ms: 100,
+        };
+        assert!(s.record_connect_failure(10, breaker));
+        assert!(!s.may_keep_traffic(50), "breaker open");
+        assert!(s.may_keep_traffic(110), "breaker closed again");
     }
 
     #[test]

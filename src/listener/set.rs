@@ -4,7 +4,8 @@
 //! as it was; removed listeners stop accepting and close their socket, while connections
 //! they accepted go on. Owns the accept tasks; connections belong to the shared tracker.
 //! UDP listeners are kept when their name and address are unchanged; a removed one starts
-//! no new flow and ends once its open flows have (their loops are in the shared tracker).
+//! no new flow and ends once its open flows have (their loops are in the shared tracker),
+//! so a new one may not take its address in the same reload.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -422,6 +423,11 @@ impl ListenerSet {
             .filter(|l| self.udp.get(&l.name).is_some_and(|r| r.bind == l.bind))
             .map(|l| l.name.clone())
             .collect();
+        for l in udp_wanted.values() {
+            if !udp_kept.contains(&l.name) {
+                self.check_udp_address_free(l, &udp_kept)?;
+            }
+        }
         let mut udp_fresh = Vec::new();
         for l in udp_wanted.values() {
             if !udp_kept.contains(&l.name) {
@@ -537,6 +543,37 @@ impl ListenerSet {
         changes.removed.sort();
         changes.kept.sort();
         Ok(changes)
+    }
+
+    /// Refuses a new UDP listener on the address of one this reload removes (a rename, or a
+    /// move to an address another listener vacates). The removed listener's socket stays
+    /// open until its flows have ended, and with both bound the kernel spreads clients over
+    /// the two: new clients landing on the old socket would be dropped for up to its
+    /// `idle_timeout`.
+    fn check_udp_address_free(
+        &self,
+        new: &ListenerConfig,
+        kept: &HashSet<String>,
+    ) -> anyhow::Result<()> {
+        if new.bind.port() == 0 {
+            return Ok(());
+        }
+        let leaving = self
+            .udp
+            .iter()
+            .find(|(name, r)| !kept.contains(*name) && (r.bind == new.bind || r.local == new.bind));
+        if let Some((old, _)) = leaving {
+            anyhow::bail!(
+                "listener \"{}\": udp {} is still served by listener \"{old}\", which this reload removes; \
+                 its socket stays open until its flows end, so a udp listener cannot be renamed or take \
+                 another's address in one reload: reload without \"{old}\" first, and add \"{}\" once \
+                 its flows have ended (udp.idle_timeout)",
+                new.name,
+                new.bind,
+                new.name
+            );
+        }
+        Ok(())
     }
 
     /// Stops every listener (shutdown): sockets close, connections go on.

@@ -9,9 +9,11 @@
 //! flow without waking per socket. Datagrams move in batches (`udp::sys`), grouped per
 //! flow, into buffers allocated once; a datagram costs no allocation.
 //!
-//! Health is shared with TCP: a flow whose backend is no longer available moves to another
-//! backend on its next datagram, and an ICMP port unreachable (ECONNREFUSED on the connected
-//! socket) counts as a passive failure on the backend's breaker.
+//! Health is shared with TCP: a flow whose backend went down or into maint moves to another
+//! backend on its next datagram (a draining backend keeps its flows, as it keeps its TCP
+//! connections), and an ICMP port unreachable (ECONNREFUSED on the connected socket) counts
+//! as a passive failure on the backend's breaker. A pool with no backend available hands
+//! new flows to its `fallback_pool`.
 
 use std::future::Future;
 use std::io;
@@ -30,12 +32,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::access_log::{AccessLog, Record};
-use crate::backend::{ActiveGuard, ClientAddr};
+use crate::backend::{ActiveGuard, BackendState, ClientAddr};
 use crate::clock;
 use crate::config::MAX_RETRIES;
 use crate::conn::hash_key;
 use crate::metrics::UdpMetrics;
-use crate::state::{Route, Shared};
+use crate::state::{Pool, Route, Shared};
 use crate::udp::flow::{FlowId, FlowTable, InsertError, ReplyVerdict};
 use crate::udp::sys::{self, EpollSet, RecvBuffers, MAX_BATCH};
 use crate::udp::{DropReason, FlowEnd};
@@ -99,7 +101,8 @@ pub struct UdpLoop {
 /// One client's flow.
 struct Flow {
     upstream: Socket,
-    route: Arc<Route>,
+    /// The listener's pool, or its fallback pool.
+    pool: Arc<Pool>,
     backend: usize,
     _active: ActiveGuard,
     started: Instant,
@@ -347,19 +350,19 @@ impl Flows {
     }
 
     /// The flow for a client datagram: its current one, or a new one when it has none or
-    /// its backend is down or refused it.
+    /// its backend is down, in maint or refused it (a draining backend keeps its flows).
     fn flow_for(&mut self, client: SocketAddr, now: u64) -> Result<FlowId, DropReason> {
         let mut avoid = None;
         if let Some(id) = self.table.lookup(&client) {
             let Some(flow) = self.table.get(id) else {
                 return Err(DropReason::NoBackend);
             };
-            let backend = &flow.route.pool.backends[flow.backend];
-            if !flow.refused && backend.is_available(now) {
+            let backend = &flow.pool.backends[flow.backend];
+            if !flow.refused && backend.state.may_keep_traffic(now) {
                 return Ok(id);
             }
             let reason = if flow.refused {
-                avoid = Some(flow.backend);
+                avoid = Some(Arc::clone(&backend.state));
                 FlowEnd::BackendRefused
             } else {
                 FlowEnd::BackendDown
@@ -368,14 +371,16 @@ impl Flows {
                 self.end(client, flow, reason);
             }
         }
-        self.start_flow(client, now, avoid)
+        self.start_flow(client, now, avoid.as_deref())
     }
 
+    /// Starts a flow on the listener's pool; when none of its backends is available, on its
+    /// `fallback_pool` (as a TCP connection would).
     fn start_flow(
         &mut self,
         client: SocketAddr,
         now: u64,
-        avoid: Option<usize>,
+        avoid: Option<&BackendState>,
     ) -> Result<FlowId, DropReason> {
         if self.draining {
             return Err(DropReason::Shutdown);
@@ -388,14 +393,42 @@ impl Flows {
         }
         let snapshot = self.shared.snapshot();
         let route = snapshot.route(&self.name).ok_or(DropReason::NoBackend)?;
-        let pool = &route.pool;
+        if let Some(id) = self.open_flow(client, &route.pool, now, avoid)? {
+            return Ok(id);
+        }
+        let fallback = route
+            .pool
+            .config
+            .fallback_pool
+            .as_ref()
+            .and_then(|name| snapshot.pools.get(name))
+            .ok_or(DropReason::NoBackend)?;
+        route.pool.metrics.fallback.inc();
+        self.open_flow(client, fallback, now, avoid)?
+            .ok_or(DropReason::NoBackend)
+    }
+
+    /// Opens a flow to a backend of `pool` (skipping `avoid`, retrying the next one when
+    /// connect fails); None when the pool has no backend available.
+    fn open_flow(
+        &mut self,
+        client: SocketAddr,
+        pool: &Arc<Pool>,
+        now: u64,
+        avoid: Option<&BackendState>,
+    ) -> Result<Option<FlowId>, DropReason> {
         let key = hash_key(pool.hash_key(), ClientAddr(client), None);
         let mut tried = [usize::MAX; MAX_RETRIES as usize + 2];
         let mut n = 0;
-        if let Some(index) = avoid {
+        if let Some(index) = avoid.and_then(|state| {
+            pool.backends
+                .iter()
+                .position(|b| std::ptr::eq(Arc::as_ptr(&b.state), state))
+        }) {
             tried[0] = index;
             n = 1;
         }
+        let skipped = n;
         let attempts = n + pool.config.retries as usize + 1;
         while n < attempts {
             let Some(index) = pool.balancer.pick(&pool.backends, key, &tried[..n], now) else {
@@ -412,13 +445,13 @@ impl Flows {
                 }
                 Err(UpstreamError::Connect(e)) => {
                     debug!(pool = %pool.config.name, backend = %backend.name, error = %e, "udp connect failed");
-                    self.passive_failure(route, index, now);
+                    self.passive_failure(pool, index, now);
                     continue;
                 }
             };
             let flow = Flow {
                 upstream,
-                route: Arc::clone(route),
+                pool: Arc::clone(pool),
                 backend: index,
                 _active: backend.state.connection_opened(),
                 started: Instant::now(),
@@ -448,7 +481,10 @@ impl Flows {
             }
             self.metrics.flows_created.inc();
             self.metrics.flows_active.inc();
-            return Ok(id);
+            return Ok(Some(id));
+        }
+        if n == skipped {
+            return Ok(None);
         }
         Err(DropReason::NoBackend)
     }
@@ -469,6 +505,9 @@ impl Flows {
                     let bytes: usize = msgs[sent..sent + n].iter().map(|m| m.len()).sum();
                     flow.datagrams_from_client += n as u64;
                     flow.bytes_from_client += bytes as u64;
+                    flow.pool.backend_metrics[flow.backend]
+                        .bytes_from_clients
+                        .inc_by(bytes as u64);
                     self.tally.datagrams_from_clients += n as u64;
                     self.tally.bytes_from_clients += bytes as u64;
                     sent += n;
@@ -485,8 +524,8 @@ impl Flows {
         }
         if refused {
             flow.refused = true;
-            let (route, backend) = (Arc::clone(&flow.route), flow.backend);
-            self.passive_failure(&route, backend, now);
+            let (pool, backend) = (Arc::clone(&flow.pool), flow.backend);
+            self.passive_failure(&pool, backend, now);
         }
     }
 
@@ -608,6 +647,9 @@ impl Flows {
         if let Some(flow) = self.table.get_mut(id) {
             flow.datagrams_to_client += sent as u64;
             flow.bytes_to_client += bytes_sent;
+            flow.pool.backend_metrics[flow.backend]
+                .bytes_to_clients
+                .inc_by(bytes_sent);
         }
     }
 
@@ -615,7 +657,7 @@ impl Flows {
     fn first_reply(&self, id: FlowId) {
         if let Some(flow) = self.table.get(id) {
             if flow.datagrams_to_client == 0 {
-                flow.route.pool.backends[flow.backend]
+                flow.pool.backends[flow.backend]
                     .state
                     .record_connect_success();
             }
@@ -628,12 +670,11 @@ impl Flows {
             return;
         };
         flow.refused = true;
-        let (route, backend) = (Arc::clone(&flow.route), flow.backend);
-        self.passive_failure(&route, backend, now);
+        let (pool, backend) = (Arc::clone(&flow.pool), flow.backend);
+        self.passive_failure(&pool, backend, now);
     }
 
-    fn passive_failure(&self, route: &Route, index: usize, now: u64) {
-        let pool = &route.pool;
+    fn passive_failure(&self, pool: &Pool, index: usize, now: u64) {
         let backend = &pool.backends[index];
         let metrics = &pool.backend_metrics[index];
         metrics.udp_unreachable.inc();
@@ -659,11 +700,11 @@ impl Flows {
     fn end(&mut self, client: SocketAddr, flow: Flow, reason: FlowEnd) {
         self.metrics.flows_active.dec();
         self.metrics.flows_expired(reason).inc();
-        let backend = &flow.route.pool.backends[flow.backend];
+        let backend = &flow.pool.backends[flow.backend];
         debug!(
             listener = %self.name,
             client = %client,
-            pool = %flow.route.pool.config.name,
+            pool = %flow.pool.config.name,
             backend = %backend.addr,
             datagrams_from_client = flow.datagrams_from_client,
             bytes_from_client = flow.bytes_from_client,
@@ -677,7 +718,7 @@ impl Flows {
             time: std::time::SystemTime::now(),
             listener: Arc::clone(&self.name),
             client: ClientAddr(client),
-            pool: Arc::from(flow.route.pool.config.name.as_str()),
+            pool: Arc::from(flow.pool.config.name.as_str()),
             backend: Some((Arc::clone(&backend.name), backend.addr)),
             sni: None,
             bytes_from_client: flow.bytes_from_client,

@@ -15,7 +15,7 @@ pub enum FlowEnd {
     IdleTimeout,
     /// Every client datagram had its `responses` replies.
     Responses,
-    /// The backend went down (health, admin state, breaker); the client's next datagram
+    /// The backend went down (health, breaker) or into maint; the client's next datagram
     /// started a new flow on another backend.
     BackendDown,
     /// The backend answered with ICMP port unreachable; the client's next datagram started
