@@ -7,7 +7,6 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::io::Write;
-use std::time::Duration;
 
 use common::http::{get, post, request};
 use common::*;
@@ -43,16 +42,6 @@ fn write_file(path: &std::path::Path, text: &str) {
     f.write_all(text.as_bytes()).expect("write");
     drop(f);
     std::fs::rename(&tmp, path).expect("rename");
-}
-
-/// Polls a condition every 10 ms, for at most [`LIMIT`].
-async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    within(what, async {
-        while !f() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
 }
 
 fn backend<'a>(status: &'a serde_json::Value, pool: &str, name: &str) -> &'a serde_json::Value {
@@ -133,7 +122,7 @@ async fn metrics_export_exactly_the_names_in_names_rs() {
     // With an active check, so its duration and result families have samples too.
     let yaml = config(&[("a", a.addr, 1)], "").replace(
         "  - name: p\n",
-        "  - name: p\n    health_check: { type: tcp, interval: 100ms, timeout: 100ms, initial_state: up }\n",
+        "  - name: p\n    health_check: { type: tcp, interval: 1s, timeout: 1s, initial_state: up }\n",
     );
     // And a UDP listener, so the flow families are exported too.
     let yaml = yaml.replace(

@@ -119,16 +119,6 @@ async fn exchange(socket: &UdpSocket, to: SocketAddr, msg: &[u8]) -> Vec<u8> {
     .await
 }
 
-/// Polls a counter until it reaches `want` (bounded by `within`).
-async fn wait_counter(lb: &Balancer, name: &str, labels: &[(&str, &str)], want: u64) {
-    within(&format!("{name} {labels:?} to reach {want}"), async {
-        while lb.counter(name, labels) < want {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
-}
-
 const FLOWS_ACTIVE: &str = "switchyard_udp_flows_active";
 const FLOWS_CREATED: &str = "switchyard_udp_flows_created_total";
 const FLOWS_EXPIRED: &str = "switchyard_udp_flows_expired_total";

@@ -266,6 +266,24 @@ pub fn one_pool(pool_extra: &str, listener_extra: &str, backends: &[(SocketAddr,
     yaml
 }
 
+/// Polls a condition every 10 ms, for at most [`LIMIT`].
+pub async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    within(what, async {
+        while !f() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+}
+
+/// Polls a counter until it reaches `want` (at most [`LIMIT`]).
+pub async fn wait_counter(lb: &Balancer, name: &str, labels: &[(&str, &str)], want: u64) {
+    wait_for(&format!("{name} {labels:?} to reach {want}"), || {
+        lb.counter(name, labels) >= want
+    })
+    .await
+}
+
 /// Waits (up to [`LIMIT`]) until `pool`/`backend` has health `want`; panics with the last
 /// state seen.
 pub async fn wait_status(
