@@ -10,7 +10,7 @@ use std::time::Instant;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::access_log::{AccessLog, Record};
 use crate::backend::{BackendAddr, ClientAddr, Health};
@@ -332,19 +332,21 @@ async fn connect(pool: &Pool, key: u64) -> Result<(usize, TcpStream), CloseReaso
         };
         metrics.connect_failures.inc();
         debug!(pool = %pool.config.name, backend = %backend.name, error = %error, "backend connect failed");
-        if backend
+        if let Some(opening) = backend
             .state
             .record_connect_failure(clock::now_ms(), pool.breaker)
         {
-            metrics.breaker_opened.inc();
-            metrics.passive_down.inc();
-            warn!(
-                pool = %pool.config.name,
-                backend = %backend.name,
-                error = %error,
-                max_fails = pool.breaker.max_fails,
-                down_for_ms = pool.breaker.fail_duration_ms,
-                "backend marked down after consecutive connect failures"
+            let why = format!(
+                "{} consecutive connect failures, the last: {error}",
+                pool.breaker.max_fails
+            );
+            crate::health::passive::opened(
+                &pool.config.name,
+                backend,
+                metrics,
+                opening,
+                pool.breaker,
+                &why,
             );
         }
     }

@@ -123,7 +123,7 @@ listeners: [ {{ name: l, bind: "127.0.0.1:0", pool: main }} ]
 pools:
   - name: main
     fallback_pool: spare
-    health_check: {{ type: tcp, interval: 100ms, timeout: 100ms, rise: 2, fall: 2 }}
+    health_check: {{ type: tcp, interval: 500ms, timeout: 500ms, rise: 2, fall: 2 }}
     backends: [ {{ name: a, address: "{}" }} ]
   - name: optimistic
     health_check: {{ type: tcp, interval: 1h, timeout: 1s, fall: 2, initial_state: up }}
@@ -188,20 +188,20 @@ async fn probers_follow_published_snapshots() {
 listeners: [ {{ name: l, bind: "127.0.0.1:0", pool: p }} ]
 pools:
   - name: p
-    health_check: {{ type: tcp, interval: {interval}, timeout: 100ms, rise: 1, fall: 1 }}
+    health_check: {{ type: tcp, interval: {interval}, timeout: 500ms, rise: 1, fall: 1 }}
     backends: [ {{ name: gone, address: "{gone}" }}, {{ name: up, address: "{}" }} ]
 "#,
             up.addr
         )
     };
-    let lb = Balancer::start(&with_check("100ms")).await;
+    let lb = Balancer::start(&with_check("500ms")).await;
     wait_status(&lb, "p", "gone", down(DownReason::Unreachable)).await;
     wait_status(&lb, "p", "up", HealthStatus::UP).await;
     assert_eq!(lb.shared.health.probers(), 2);
 
     // The same config again: probers keep running, state is kept.
     let config = |yaml: &str| Config::from_yaml(yaml, "reload.yaml").expect("valid");
-    lb.shared.publish(config(&with_check("100ms")));
+    lb.shared.publish(config(&with_check("500ms")));
     assert_eq!(lb.shared.health.probers(), 2);
     assert_eq!(
         lb.shared.backend_state("p", "gone").expect("gone").status(),
@@ -209,8 +209,8 @@ pools:
     );
 
     // The check removed: nothing keeps the backend down any more.
-    let without = with_check("100ms").replace(
-        "health_check: { type: tcp, interval: 100ms, timeout: 100ms, rise: 1, fall: 1 }",
+    let without = with_check("500ms").replace(
+        "health_check: { type: tcp, interval: 500ms, timeout: 500ms, rise: 1, fall: 1 }",
         "health_check: { type: none }",
     );
     lb.shared.publish(config(&without));
@@ -219,9 +219,15 @@ pools:
         lb.shared.backend_state("p", "gone").expect("gone").status(),
         HealthStatus::UP
     );
+    let came_up = [("pool", "p"), ("backend", "gone"), ("state", "up")];
+    assert_eq!(
+        lb.counter(names::BACKEND_STATE_CHANGES, &came_up),
+        1,
+        "the change made by the reload is counted"
+    );
 
     // Back again with another interval: new probers find it down.
-    lb.shared.publish(config(&with_check("150ms")));
+    lb.shared.publish(config(&with_check("750ms")));
     wait_status(&lb, "p", "gone", down(DownReason::Unreachable)).await;
     assert_eq!(lb.shared.health.probers(), 2);
     assert_eq!(backend_of(lb.addr("l")).await, "up");

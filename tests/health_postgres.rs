@@ -1,8 +1,10 @@
 //! Database-role routing against real Postgres servers: a primary and a streaming replica
-//! behind write and read listeners (SCRAM and md5 monitoring roles, TLS), wrong passwords,
-//! a hung backend, a failover (stop the primary, promote the replica) with its time
-//! measured, and the split-brain guard: a promoted replica beside a still-running old
-//! primary, and two independent primaries in one pool.
+//! behind write and read listeners (SCRAM, md5 and trust logins, TLS required and
+//! preferred), wrong passwords, a hung backend, replay lag (replay paused, WAL receiver
+//! stopped), the monitoring connection re-opened after the server ended it, a failover
+//! (stop the primary, promote the replica) with its time measured, and the split-brain
+//! guard: a promoted replica beside a still-running old primary, and two independent
+//! primaries in one pool.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -12,7 +14,7 @@ mod postgres;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{wait_status, within, Balancer, LIMIT};
+use common::{wait_counter, wait_for, wait_status, within, Balancer, LIMIT};
 use postgres::*;
 use switchyard::backend::{DownReason, Health, HealthStatus};
 use switchyard::metrics::names;
@@ -66,7 +68,26 @@ async fn hung_backend() -> (SocketAddr, tokio::task::JoinHandle<()>) {
     (addr, task)
 }
 
+/// Fast checks, for the failover time; each wait below allows for a slow check.
 const CHECK: &str = "interval: 250ms, timeout: 250ms, rise: 2, fall: 2";
+/// Checks for the split-brain guard, whose refusals are asserted at one moment: three
+/// slow checks in a row would be needed to take a tied primary out and let the other in.
+const SLOW_CHECK: &str = "interval: 500ms, timeout: 500ms, rise: 2, fall: 3";
+/// CHECK's interval, and its rise and fall, for the failover time's bound.
+const INTERVAL: Duration = Duration::from_millis(250);
+const RISE_FALL: u32 = 2;
+
+/// Pids of the monitoring sessions `user` has open on `server`.
+fn monitor_sessions(server: &PgServer, user: &str) -> Vec<String> {
+    server
+        .psql(&format!(
+            "SELECT pid FROM pg_stat_activity WHERE usename = '{user}' \
+             AND application_name = 'switchyard-health' ORDER BY pid"
+        ))
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn primary_replica_routing_auth_hung_and_failover() {
@@ -114,6 +135,9 @@ pools:
   - name: pg-no-password
     health_check: {{ type: postgres, {CHECK}, postgres: {{ user: {MONITOR}, sslmode: disable }} }}
     backends: [ {{ name: a, address: "{pa}" }} ]
+  - name: pg-trust
+    health_check: {{ type: postgres, {CHECK}, postgres: {{ user: {SUPERUSER}, role: replica, sslmode: disable }} }}
+    backends: [ {{ name: a, address: "{pa}" }}, {{ name: b, address: "{pb}" }} ]
   - name: pg-lag
     health_check:
       {{ type: postgres, {CHECK},
@@ -136,6 +160,9 @@ pools:
     wait_status(&lb, "pg-read", "b", up).await;
     wait_status(&lb, "pg-read", "a", standby).await;
     wait_status(&lb, "pg-tls", "a", up).await;
+    // Trust auth: the pg_hba line for the superuser over TCP asks for no password.
+    wait_status(&lb, "pg-trust", "b", up).await;
+    wait_status(&lb, "pg-trust", "a", standby).await;
     let tls_sessions = a.psql(
         "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
          WHERE application_name = 'switchyard-health' AND ssl",
@@ -174,7 +201,9 @@ pools:
     let write = lb.addr("write");
     let read = lb.addr("read");
     assert_eq!(route_of(write).await, (false, a.port));
-    assert_eq!(route_of(read).await, (true, b.port));
+    // (A read pool with no replica up falls back to the write pool, so a slow check of b
+    // may send one read to the primary: wait for the replica.)
+    wait_routed(read, (true, b.port)).await;
 
     // Standby is its own state label, not "down".
     let state = |pool: &str, backend: &str, s: &str| {
@@ -183,16 +212,14 @@ pools:
             &[("pool", pool), ("backend", backend), ("state", s)],
         )
     };
-    assert_eq!(state("pg-write", "b", "standby"), 1);
-    assert_eq!(state("pg-write", "b", "down"), 0);
-    assert_eq!(state("pg-write", "a", "up"), 1);
-    assert_eq!(
-        lb.counter(
-            names::BACKEND_DOWN_REASON,
-            &[("pool", "pg-wrong-password"), ("reason", "auth_failed")]
-        ),
-        1
-    );
+    wait_for("pg-write: b standby (not down), a up", || {
+        state("pg-write", "b", "standby") == 1
+            && state("pg-write", "b", "down") == 0
+            && state("pg-write", "a", "up") == 1
+    })
+    .await;
+    let auth_failed = [("pool", "pg-wrong-password"), ("reason", "auth_failed")];
+    wait_counter(&lb, names::BACKEND_DOWN_REASON, &auth_failed, 1).await;
     assert!(
         lb.counter(
             names::HEALTH_CHECKS,
@@ -221,6 +248,44 @@ pools:
     b.psql("SELECT pg_wal_replay_resume()");
     wait_status(&lb, "pg-lag", "b", up).await;
 
+    // A replica whose WAL receiver is gone (its primary unreachable) has replayed all it
+    // received, yet serves ever older data: the time since its last replayed commit counts.
+    // The check tells a running receiver by its pid, which the plain monitoring role sees.
+    assert_eq!(
+        b.psql(&format!(
+            "SET ROLE {MONITOR}; SELECT count(pid) FROM pg_stat_wal_receiver"
+        )),
+        "1"
+    );
+    let conninfo = b.psql("SHOW primary_conninfo");
+    b.psql("ALTER SYSTEM SET primary_conninfo = ''");
+    b.psql("SELECT pg_reload_conf()");
+    wait_status(&lb, "pg-lag", "b", down(DownReason::Lagging)).await;
+    assert_eq!(b.psql("SELECT count(*) FROM pg_stat_wal_receiver"), "0");
+    b.psql(&format!(
+        "ALTER SYSTEM SET primary_conninfo = '{}'",
+        conninfo.replace('\'', "''")
+    ));
+    b.psql("SELECT pg_reload_conf()");
+    wait_status(&lb, "pg-lag", "b", up).await;
+
+    // The monitoring connection is re-opened after an error: the server ends the sessions
+    // kept open between checks (pg-write, pg-tls and pg-hung each have one on a), and
+    // new ones, other server processes, take over while a stays up.
+    let ended = monitor_sessions(&a, MONITOR);
+    assert!(!ended.is_empty(), "monitoring sessions kept open");
+    a.psql(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{MONITOR}' \
+         AND application_name = 'switchyard-health'"
+    ));
+    wait_for("new monitoring sessions", || {
+        let now = monitor_sessions(&a, MONITOR);
+        now.len() >= ended.len() && now.iter().all(|pid| !ended.contains(pid))
+    })
+    .await;
+    wait_status(&lb, "pg-write", "a", up).await;
+    wait_status(&lb, "pg-tls", "a", up).await;
+
     // A session held open to the primary through the close_connections write pool.
     let held = connect_app(write).await.expect("held connection");
     held.execute("INSERT INTO writes VALUES (1)", &[])
@@ -240,6 +305,15 @@ pools:
          primary was stopped, {routed:?} after `pg_ctl promote` returned (stop + promote took \
          {promoted_after:?}; interval 250ms, rise 2, fall 2)"
     );
+    // The promoted replica is up after `rise` checks, which start at most one interval
+    // after the promotion: (rise + 1) intervals, plus 5 s for a loaded machine.
+    let bound = INTERVAL * (RISE_FALL + 1) + Duration::from_secs(5);
+    assert!(
+        routed < bound,
+        "routed to the new primary {routed:?} after the promotion, over {bound:?}"
+    );
+    // (`pg_ctl stop -m fast` ends the old primary's sessions itself; Switchyard's own close
+    // of a session to a backend that keeps running is asserted in `split_brain_guard`.)
     assert!(
         held.execute("INSERT INTO writes VALUES (2)", &[])
             .await
@@ -273,7 +347,7 @@ async fn split_brain_guard() {
     let (pc, pd, pe) = (c.addr(), d.addr(), e.addr());
     let pg = |policy: &str| {
         format!(
-            "{{ type: postgres, {CHECK}, postgres: {{ user: {MONITOR}, password_file: \"{pf}\", \
+            "{{ type: postgres, {SLOW_CHECK}, postgres: {{ user: {MONITOR}, password_file: \"{pf}\", \
              role: primary, sslmode: disable, on_multiple_primaries: {policy} }} }}"
         )
     };
@@ -298,11 +372,20 @@ pools:
   - name: independent-reject
     health_check: {reject}
     backends: [ {{ name: c, address: "{pc}" }}, {{ name: e, address: "{pe}" }} ]
+  - name: prefer-plain
+    health_check:
+      {{ type: postgres, {SLOW_CHECK},
+         postgres: {{ user: {MONITOR}, password_file: "{pf}", role: replica }} }}
+    backends: [ {{ name: c, address: "{pc}" }}, {{ name: d, address: "{pd}" }} ]
 "#
     );
     let lb = Balancer::start(&yaml).await;
     let up = HealthStatus::UP;
     let split = down(DownReason::SplitBrain);
+
+    // The default sslmode (prefer) against servers with ssl = off: logged in over plain TCP.
+    wait_status(&lb, "prefer-plain", "d", up).await;
+    wait_status(&lb, "prefer-plain", "c", HealthStatus::STANDBY).await;
 
     // Two independent primaries, both on timeline 1: tied, so neither takes connections.
     for pool in ["independent-newest", "independent-reject"] {
@@ -328,7 +411,9 @@ pools:
     d.promote();
     wait_status(&lb, "promoted-newest", "d", up).await;
     wait_status(&lb, "promoted-newest", "c", split).await;
-    // Switchyard closed the session to the old primary itself (c still runs).
+    // Switchyard closed the session to the old primary itself (c still runs, so no server
+    // shutdown did it): this is where on_backend_down: close_connections is proven, with
+    // the close counted under reason backend_down.
     within("held session closed", async {
         loop {
             if held.simple_query("SELECT 1").await.is_err() {
@@ -338,11 +423,12 @@ pools:
         }
     })
     .await;
-    assert!(
-        lb.counter(
-            names::LISTENER_CONNECTIONS_CLOSED,
-            &[("listener", "newest"), ("reason", "backend_down")]
-        ) >= 1
+    let closed_by_us = [("listener", "newest"), ("reason", "backend_down")];
+    wait_counter(&lb, names::LISTENER_CONNECTIONS_CLOSED, &closed_by_us, 1).await;
+    assert_eq!(
+        lb.counter(names::LISTENER_CONNECTIONS_CLOSED, &closed_by_us),
+        1,
+        "the held session, closed by Switchyard"
     );
     assert_eq!(
         c.psql("SELECT pg_is_in_recovery()"),

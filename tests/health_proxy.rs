@@ -11,7 +11,7 @@ mod postgres;
 
 use std::time::Duration;
 
-use common::{greet, wait_status, within, Backend, Balancer};
+use common::{greet, wait_for, wait_status, within, Backend, Balancer};
 use nginx::Nginx;
 use switchyard::backend::{DownReason, Health, HealthStatus};
 use tokio::net::TcpStream;
@@ -34,15 +34,6 @@ fn sessions(nginx: &Nginx, port: u16, status: &str) -> usize {
         .lines()
         .filter(|l| l.starts_with(&want))
         .count()
-}
-
-async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    within(what, async {
-        while !done() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -123,7 +123,7 @@ async fn metrics_export_exactly_the_names_in_names_rs() {
     // With an active check, so its duration and result families have samples too.
     let yaml = config(&[("a", a.addr, 1)], "").replace(
         "  - name: p\n",
-        "  - name: p\n    health_check: { type: tcp, interval: 100ms, timeout: 100ms, initial_state: up }\n",
+        "  - name: p\n    health_check: { type: tcp, interval: 1s, timeout: 1s, initial_state: up }\n",
     );
     // And a UDP listener, so the flow families are exported too.
     let yaml = yaml.replace(

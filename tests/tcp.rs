@@ -166,7 +166,7 @@ async fn least_conn_sends_to_the_least_loaded() {
             true
         }
     });
-    wait_for(|| {
+    wait_for("released connections closed", || {
         lb.shared
             .backend_state("p", &a.addr.to_string())
             .map(|s| s.active())
@@ -176,16 +176,6 @@ async fn least_conn_sends_to_the_least_loaded() {
     assert_eq!(backend_of(addr).await, "a");
     let (name, _hold) = greet(TcpStream::connect(addr).await.expect("connect")).await;
     assert_eq!(name, "a");
-}
-
-/// Polls a condition every 10 ms, for at most [`LIMIT`].
-async fn wait_for(mut f: impl FnMut() -> bool) {
-    within("condition", async {
-        while !f() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
 }
 
 #[tokio::test]
@@ -334,7 +324,10 @@ async fn max_connections_closes_extra_connections_at_once() {
         1
     );
     drop(held1);
-    wait_for(|| lb.counter("switchyard_listener_connections_active", &[]) == 1).await;
+    wait_for("one connection left", || {
+        lb.counter("switchyard_listener_connections_active", &[]) == 1
+    })
+    .await;
     assert_eq!(backend_of(addr).await, "a");
 }
 
@@ -349,7 +342,7 @@ async fn idle_connection_is_closed_after_idle_timeout() {
         rest, b"x",
         "echo arrives, then the idle connection is closed"
     );
-    wait_for(|| {
+    wait_for("idle close counted", || {
         lb.counter(
             "switchyard_listener_connections_closed_total",
             &[("reason", "idle_timeout")],
@@ -418,7 +411,7 @@ async fn no_available_backend_closes_the_client() {
     .await;
     let mut c = TcpStream::connect(lb.addr("l")).await.expect("connect");
     assert!(read_to_end(&mut c).await.is_empty());
-    wait_for(|| {
+    wait_for("connect_failed close counted", || {
         lb.counter(
             "switchyard_listener_connections_closed_total",
             &[("reason", "connect_failed")],

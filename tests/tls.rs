@@ -503,16 +503,16 @@ async fn reload_reroutes_tls_keeps_open_sessions_and_restarts_probers() {
       routes: [{{ sni: [db.example.com], pool: {route_to} }}]
 {default}pools:
   - name: db
-    health_check: {{ type: tcp, interval: {interval}, timeout: 100ms, rise: 1, fall: 3 }}
+    health_check: {{ type: tcp, interval: {interval}, timeout: 1s, rise: 1, fall: 3 }}
     backends: [{{ name: db, address: \"{}\" }}]
   - name: api
-    health_check: {{ type: tcp, interval: {interval}, timeout: 100ms, rise: 1, fall: 3 }}
+    health_check: {{ type: tcp, interval: {interval}, timeout: 1s, rise: 1, fall: 3 }}
     backends: [{{ name: api, address: \"{}\" }}]
 ",
             db.addr, api.addr
         )
     };
-    std::fs::write(&path, yaml("db", "100ms", "")).expect("write");
+    std::fs::write(&path, yaml("db", "1s", "")).expect("write");
     let lb = Balancer::start_file(&path).await;
     wait_status(&lb, "db", "db", switchyard::backend::HealthStatus::UP).await;
     wait_status(&lb, "api", "api", switchyard::backend::HealthStatus::UP).await;
@@ -530,7 +530,7 @@ async fn reload_reroutes_tls_keeps_open_sessions_and_restarts_probers() {
         .expect("echo");
 
     // The name now goes to api, unrouted names to api too, and the checks change.
-    std::fs::write(&path, yaml("api", "150ms", "      default_pool: api\n")).expect("write");
+    std::fs::write(&path, yaml("api", "2s", "      default_pool: api\n")).expect("write");
     lb.control.reload().await.expect("reload");
     // Health carried over: no flap to pending while the restarted probers start.
     for (pool, name) in [("db", "db"), ("api", "api")] {

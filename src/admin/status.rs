@@ -453,7 +453,7 @@ mod tests {
             max_fails: 1,
             fail_duration_ms: 5_000,
         };
-        assert!(b.state.record_connect_failure(1_000, breaker));
+        assert!(b.state.record_connect_failure(1_000, breaker).is_some());
         let (state, reason) = health(&b, 3_500);
         assert_eq!(state, "down");
         assert_eq!(

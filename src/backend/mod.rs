@@ -82,6 +82,25 @@ pub struct Breaker {
     pub fail_duration_ms: u64,
 }
 
+/// The passive breaker opened (see [`BackendState::record_connect_failure`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Opening {
+    /// The opening before this one closed (its `fail_duration` ran out) and nobody claimed
+    /// that close yet: the caller announces it along with this opening.
+    pub previous_close_unclaimed: bool,
+}
+
+/// Where the passive breaker's closing stands for a caller that wants to announce it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerClose {
+    /// Open until this `clock::now_ms` value.
+    OpenUntil(u64),
+    /// It closed, and this caller is the one to announce it.
+    Closed,
+    /// Not open, and no close left to announce.
+    Nothing,
+}
+
 /// Live, shared state of one backend. All fields are atomics: readers never lock.
 #[derive(Debug)]
 pub struct BackendState {
@@ -287,20 +306,44 @@ impl BackendState {
         }
     }
 
-    /// A connect failed. Returns true when this failure opened the breaker (the caller logs
-    /// the state change once); the backend is then skipped until `fail_duration` has passed.
-    pub fn record_connect_failure(&self, now_ms: u64, breaker: Breaker) -> bool {
+    /// A connect failed. Returns the opening when this failure opened the breaker (the
+    /// caller announces the state change once); the backend is then skipped until
+    /// `fail_duration` has passed.
+    pub fn record_connect_failure(&self, now_ms: u64, breaker: Breaker) -> Option<Opening> {
         if breaker.max_fails == 0 {
-            return false;
+            return None;
         }
         let fails = self.consecutive_fails.fetch_add(1, Ordering::Relaxed) + 1;
         if fails < breaker.max_fails {
-            return false;
+            return None;
         }
         self.consecutive_fails.store(0, Ordering::Relaxed);
         let until = now_ms + breaker.fail_duration_ms;
         let previous = self.down_until_ms.swap(until, Ordering::Relaxed);
-        previous <= now_ms
+        (previous <= now_ms).then_some(Opening {
+            previous_close_unclaimed: previous != 0,
+        })
+    }
+
+    /// Claims the passive breaker's closing, so that exactly one caller announces it: while
+    /// the breaker is open, when it closes; once it has closed, [`BreakerClose::Closed`] for
+    /// the first caller and [`BreakerClose::Nothing`] for any other (or when the opening that
+    /// followed claimed it, see [`Opening::previous_close_unclaimed`]).
+    pub fn claim_breaker_close(&self, now_ms: u64) -> BreakerClose {
+        let until = self.down_until_ms.load(Ordering::Relaxed);
+        if until == 0 {
+            return BreakerClose::Nothing;
+        }
+        if until > now_ms {
+            return BreakerClose::OpenUntil(until);
+        }
+        match self
+            .down_until_ms
+            .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed)
+        {
+            Ok(_) => BreakerClose::Closed,
+            Err(_) => BreakerClose::Nothing,
+        }
     }
 
     /// When the passive breaker is open at `now_ms`, the time it closes.
@@ -406,11 +449,11 @@ mod tests {
     #[test]
     fn breaker_opens_after_max_fails_and_closes_after_duration() {
         let s = BackendState::new();
-        assert!(!s.record_connect_failure(100, BREAKER));
-        assert!(!s.record_connect_failure(101, BREAKER));
+        assert_eq!(s.record_connect_failure(100, BREAKER), None);
+        assert_eq!(s.record_connect_failure(101, BREAKER), None);
         assert!(s.is_available(101));
         assert!(
-            s.record_connect_failure(102, BREAKER),
+            s.record_connect_failure(102, BREAKER).is_some(),
             "third failure opens"
         );
         assert!(!s.is_available(103));
@@ -423,12 +466,47 @@ mod tests {
     }
 
     #[test]
+    fn each_breaker_close_is_claimed_once() {
+        let s = BackendState::new();
+        assert_eq!(s.claim_breaker_close(1), BreakerClose::Nothing);
+        let once = Breaker {
+            max_fails: 1,
+            fail_duration_ms: 100,
+        };
+        let first = s.record_connect_failure(1_000, once);
+        assert_eq!(
+            first,
+            Some(Opening {
+                previous_close_unclaimed: false
+            })
+        );
+        assert_eq!(s.claim_breaker_close(1_050), BreakerClose::OpenUntil(1_100));
+        assert_eq!(s.claim_breaker_close(1_100), BreakerClose::Closed);
+        assert_eq!(
+            s.claim_breaker_close(1_100),
+            BreakerClose::Nothing,
+            "claimed once"
+        );
+        // Closed unclaimed, then opened again: the opening carries the close.
+        s.record_connect_failure(2_000, once);
+        let again = s.record_connect_failure(2_200, once);
+        assert_eq!(
+            again,
+            Some(Opening {
+                previous_close_unclaimed: true
+            })
+        );
+        assert_eq!(s.claim_breaker_close(2_250), BreakerClose::OpenUntil(2_300));
+        assert_eq!(s.claim_breaker_close(2_300), BreakerClose::Closed);
+    }
+
+    #[test]
     fn success_resets_consecutive_failures() {
         let s = BackendState::new();
         s.record_connect_failure(1, BREAKER);
         s.record_connect_failure(2, BREAKER);
         s.record_connect_success();
-        assert!(!s.record_connect_failure(3, BREAKER));
+        assert_eq!(s.record_connect_failure(3, BREAKER), None);
         assert!(s.is_available(3));
     }
 
@@ -440,7 +518,7 @@ mod tests {
             fail_duration_ms: 1000,
         };
         for t in 0..10 {
-            assert!(!s.record_connect_failure(t, off));
+            assert_eq!(s.record_connect_failure(t, off), None);
         }
         assert!(s.is_available(10));
     }
@@ -500,7 +578,7 @@ mod tests {
             max_fails: 1,
             fail_duration_ms: 100,
         };
-        assert!(s.record_connect_failure(10, breaker));
+        assert!(s.record_connect_failure(10, breaker).is_some());
         assert!(!s.may_keep_traffic(50), "breaker open");
         assert!(s.may_keep_traffic(110), "breaker closed again");
     }

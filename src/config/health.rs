@@ -437,7 +437,7 @@ pub(super) fn validate(
 }
 
 /// Pools whose backends get PROXY headers from a listener (`proxy_protocol: v1 | v2`; its
-/// pool, TLS routes and default pool, and their fallback pools) while their tcp, postgres
+/// pool, TLS routes and default pool, and those pools' fallback pools) while their tcp, postgres
 /// or mongodb check sends none and does not say `proxy_protocol: none` either. Such a
 /// backend usually requires the header: a postgres or mongodb check then fails, and a tcp
 /// check passes while the backend logs a broken header at every check. Not an error (some
@@ -479,21 +479,11 @@ pub fn proxy_protocol_notes(config: &super::Config) -> Vec<String> {
     notes
 }
 
-/// Whether connections for pool `start` can end up in pool `target` (itself, or through
-/// its chain of fallback pools).
+/// Whether connections for pool `start` can end up in pool `target`: `start` itself, or
+/// its `fallback_pool`. One hop, as on the data path, which does not follow a fallback
+/// pool's own `fallback_pool` (so chains, even loops, are harmless and not validated).
 fn reaches(config: &super::Config, start: &str, target: &str) -> bool {
-    let mut current = Some(start);
-    // Fallback chains are acyclic (validated); the bound only guards against a bug.
-    for _ in 0..=config.pools.len() {
-        let Some(name) = current else {
-            return false;
-        };
-        if name == target {
-            return true;
-        }
-        current = config.pool(name).and_then(|p| p.fallback_pool.as_deref());
-    }
-    false
+    start == target || config.pool(start).and_then(|p| p.fallback_pool.as_deref()) == Some(target)
 }
 
 fn validate_postgres(

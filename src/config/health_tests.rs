@@ -335,6 +335,16 @@ fn checks_behind_a_proxy_protocol_listener_are_noted() {
 }
 
 #[test]
+fn fallback_is_one_hop_for_the_proxy_protocol_notes() {
+    // a falls back to b, b to c, c to a: a loop is valid, and connections to a's listener
+    // never reach c (a fallback pool's own fallback is not used).
+    let yaml = "listeners:\n  - {name: l, bind: 127.0.0.1:7000, pool: a, proxy_protocol: v2}\npools:\n  - name: a\n    backends: [{address: 127.0.0.1:8001}]\n    fallback_pool: b\n    health_check: {type: tcp, proxy_protocol: v2}\n  - name: b\n    backends: [{address: 127.0.0.1:8002}]\n    fallback_pool: c\n    health_check: {type: tcp, proxy_protocol: v2}\n  - name: c\n    backends: [{address: 127.0.0.1:8003}]\n    fallback_pool: a\n    health_check: {type: tcp}\n";
+    let config = Config::from_yaml(yaml, "c.yaml").expect("a fallback loop is valid");
+    let notes = crate::config::proxy_protocol_notes(&config);
+    assert!(notes.is_empty(), "{notes:?}");
+}
+
+#[test]
 fn mongodb_tls_is_off_unless_asked_for() {
     let kind = |extra: &str| {
         let config = Config::from_yaml(&config(extra), "config.yaml").expect("valid");

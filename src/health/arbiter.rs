@@ -8,7 +8,7 @@
 use std::sync::{Arc, Mutex};
 
 use prometheus::IntCounter;
-use tracing::{error, info, warn};
+use tracing::{error, warn};
 
 use crate::backend::{BackendState, DownReason, Health, HealthStatus};
 use crate::config::health::OnMultiplePrimaries;
@@ -203,26 +203,15 @@ impl PoolArbiter {
         if before == status {
             return;
         }
+        // Logged and counted as readers see it: an open passive breaker shows an up
+        // backend as down (passive).
+        let shown = slot.state.status();
         slot.state.set_status(status);
-        slot.metrics.state_changed(status);
-        let detail = slot.detail.as_deref().unwrap_or("");
-        match status.health {
-            Health::Down => warn!(
-                pool = %self.pool,
-                backend = %slot.name,
-                from = %before.describe(),
-                to = %status.describe(),
-                detail,
-                "backend state changed"
-            ),
-            _ => info!(
-                pool = %self.pool,
-                backend = %slot.name,
-                from = %before.describe(),
-                to = %status.describe(),
-                detail,
-                "backend state changed"
-            ),
+        let now_shown = slot.state.status();
+        if shown != now_shown {
+            slot.metrics.state_changed(now_shown);
+            let detail = slot.detail.as_deref().unwrap_or("");
+            super::log_change(&self.pool, &slot.name, shown, now_shown, detail);
         }
         if self.close_on_down && before.health == Health::Up && status.health != Health::Up {
             let open = slot.state.active();
@@ -368,6 +357,43 @@ mod tests {
         assert_eq!(statuses(&a), vec![sb(), sb()]);
         a.report(0, HealthStatus::STANDBY, None, None);
         assert_eq!(statuses(&a), vec![HealthStatus::STANDBY, UP]);
+    }
+
+    #[test]
+    fn changes_are_logged_and_counted_as_readers_see_them() {
+        let logs = crate::log::capture();
+        let (a, m) = arbiter(None, 1);
+        a.report(0, UP, None, None);
+        let state = {
+            let inner = a.inner.lock().expect("lock");
+            Arc::clone(&inner.slots[0].state)
+        };
+        // The passive breaker holds the up backend out; the checks then fail and recover.
+        let breaker = crate::backend::Breaker {
+            max_fails: 1,
+            fail_duration_ms: 3_600_000,
+        };
+        assert!(state
+            .record_connect_failure(crate::clock::now_ms(), breaker)
+            .is_some());
+        a.report(0, HealthStatus::down(DownReason::Unreachable), None, None);
+        a.report(0, UP, None, None);
+        let seen: Vec<(String, String)> = logs
+            .events("backend state changed")
+            .iter()
+            .map(|e| (e["from"].to_string(), e["to"].to_string()))
+            .collect();
+        let pair = |f: &str, t: &str| (format!("{f:?}"), format!("{t:?}"));
+        assert_eq!(
+            seen,
+            vec![
+                pair("down (pending)", "up"),
+                pair("down (passive)", "down (unreachable)"),
+                pair("down (unreachable)", "down (passive)"),
+            ]
+        );
+        assert_eq!(m.backend("p", "b0").passive_down.get(), 1);
+        assert_eq!(m.backend("p", "b0").back_up.get(), 1, "pending to up");
     }
 
     #[tokio::test]

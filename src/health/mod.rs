@@ -8,10 +8,16 @@
 //! compares each pool's check settings and backends with what runs, keeps the probers of
 //! unchanged pools, and restarts the others. Backend state lives on across restarts.
 //! Check kinds: [`tcp`], [`postgres`], [`mongodb`], [`udp`] (udp and dns).
+//!
+//! Every change of a backend's state as readers see it (active checks and the passive
+//! breaker combined) is logged once by [`log_change`] and counted in
+//! `switchyard_backend_state_changes_total`: by the arbiter for the checks' verdicts, by
+//! [`passive`] for the breaker, and by the supervisor when a reload removes a check.
 
 pub mod arbiter;
 pub mod machine;
 pub mod mongodb;
+pub mod passive;
 pub mod postgres;
 pub mod tcp;
 mod tls;
@@ -74,6 +80,18 @@ pub fn io_reason(e: &io::Error) -> DownReason {
         io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => DownReason::Timeout,
         io::ErrorKind::InvalidData => DownReason::CheckError,
         _ => DownReason::Unreachable,
+    }
+}
+
+/// Logs one change of a backend's state as readers see it: a warning when it goes down,
+/// info otherwise. `detail` says why (the failing check's error, the breaker, a reload).
+/// The caller counts the change.
+pub fn log_change(pool: &str, backend: &str, from: HealthStatus, to: HealthStatus, detail: &str) {
+    let (down, from, to) = (to.health == Health::Down, from.describe(), to.describe());
+    if down {
+        tracing::warn!(pool, backend, from = %from, to = %to, detail, "backend state changed");
+    } else {
+        tracing::info!(pool, backend, from = %from, to = %to, detail, "backend state changed");
     }
 }
 
@@ -237,8 +255,19 @@ impl Supervisor {
             if spec.check.is_none() {
                 // No active check (any more): only the passive breaker and the admin state
                 // decide, so nothing may stay down on an old check's word.
-                for s in &states {
-                    s.set_status(HealthStatus::UP);
+                for (b, m) in pool.backends.iter().zip(&pool.backend_metrics) {
+                    let from = b.state.status();
+                    b.state.set_status(HealthStatus::UP);
+                    let to = b.state.status();
+                    if from != to {
+                        let counter = if to == HealthStatus::UP {
+                            &m.back_up
+                        } else {
+                            &m.passive_down
+                        };
+                        counter.inc();
+                        log_change(name, &b.name, from, to, "health check removed by reload");
+                    }
                 }
             }
             let running = spawn_pool(pool, spec, states, metrics, previous);
@@ -469,5 +498,51 @@ impl Prober {
                 .report(self.index, decided, timeline, observation.detail);
         }
         tracing::debug!(pool = %self.pool, backend = %self.backend, "prober stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::state::Shared;
+
+    #[tokio::test]
+    async fn a_reload_that_removes_the_check_announces_the_backends_it_brings_up() {
+        let logs = crate::log::capture();
+        let gone = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr")
+        };
+        let yaml = |check: &str| {
+            format!(
+                "listeners: [ {{ name: l, bind: \"127.0.0.1:0\", pool: p }} ]\n\
+                 pools:\n  - name: p\n    health_check: {check}\n    \
+                 backends: [ {{ name: b, address: \"{gone}\" }} ]\n"
+            )
+        };
+        let config = |check: &str| Config::from_yaml(&yaml(check), "t.yaml").expect("valid");
+        let shared = Shared::new(
+            config("{ type: tcp, interval: 1h, timeout: 1s }"),
+            Metrics::new(),
+        );
+        shared.health.start(&shared.snapshot(), &shared.metrics);
+        let state = shared.backend_state("p", "b").expect("b");
+        assert_eq!(state.status(), HealthStatus::down(DownReason::Pending));
+
+        shared.publish(config("{ type: none }"));
+        assert_eq!(state.status(), HealthStatus::UP);
+        assert_eq!(shared.metrics.backend("p", "b").back_up.get(), 1);
+        let changes = logs.events("backend state changed");
+        assert_eq!(changes.len(), 1, "{changes:?}");
+        assert_eq!(changes[0]["from"], "down (pending)");
+        assert_eq!(changes[0]["to"], "up");
+        assert_eq!(changes[0]["detail"], "health check removed by reload");
+
+        // Published again without a check: nothing changes, nothing is announced.
+        shared.publish(config("{ type: none }"));
+        assert_eq!(shared.metrics.backend("p", "b").back_up.get(), 1);
+        assert_eq!(logs.events("backend state changed").len(), 1);
+        shared.health.stop();
     }
 }

@@ -24,16 +24,22 @@ use crate::config::health::{PostgresCheck, PostgresRole, SslMode};
 
 /// Role, timeline and lag in one round trip. The timeline of a primary is read from the
 /// name of its current WAL file, which changes the moment a promotion ends (the timeline in
-/// `pg_control_checkpoint()` only follows at the next checkpoint). Lag is 0 when the
-/// replica has replayed everything it received, as `now() - last replay` then only measures
-/// how quiet the primary is; it is also 0 while the replica has replayed no commit since it
-/// started, when there is no timestamp to measure from.
+/// `pg_control_checkpoint()` only follows at the next checkpoint).
+///
+/// Lag is 0 while a WAL receiver runs (its `pid` in `pg_stat_wal_receiver`, which a plain
+/// `LOGIN` role sees) and the replica has replayed everything it received, or has replayed
+/// no commit yet since it started: `now() - last replay` then only measures how quiet the
+/// primary is. Otherwise (no receiver: the primary is gone or unreachable, or replay is
+/// behind) it is the time since the last replayed commit, which grows while the replica
+/// serves ever older data; NULL when that is unknown (no receiver and no commit replayed
+/// since the server started).
 const ROLE_QUERY: &str = "SELECT pg_is_in_recovery(), \
      CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_walfile_name(pg_current_wal_lsn()) END, \
      CASE WHEN NOT pg_is_in_recovery() THEN NULL \
-          WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() \
-            OR pg_last_xact_replay_timestamp() IS NULL THEN 0 \
-          ELSE GREATEST(EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()), 0) END";
+          WHEN EXISTS (SELECT FROM pg_stat_wal_receiver) \
+           AND (pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() \
+                OR pg_last_xact_replay_timestamp() IS NULL) THEN 0 \
+          ELSE EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()) END";
 
 /// One backend's monitoring connection.
 pub struct Probe {
@@ -232,16 +238,24 @@ impl Probe {
                 Some("replica, and this pool wants the primary".into()),
             );
         }
-        match self.check.max_replication_lag {
-            Some(max) if row.lag_seconds > max.as_secs_f64() => Observation::down(
+        let Some(max) = self.check.max_replication_lag else {
+            return Observation::up();
+        };
+        match row.lag_seconds {
+            Some(lag) if lag <= max.as_secs_f64() => Observation::up(),
+            Some(lag) => Observation::down(
                 DownReason::Lagging,
                 format!(
-                    "replication lag {:.1}s is above max_replication_lag {}",
-                    row.lag_seconds,
+                    "replication lag {lag:.1}s is above max_replication_lag {}",
                     humantime::format_duration(max)
                 ),
             ),
-            _ => Observation::up(),
+            None => Observation::down(
+                DownReason::Lagging,
+                "replication lag unknown: no WAL receiver, and no commit replayed since the \
+                 server started"
+                    .to_string(),
+            ),
         }
     }
 }
@@ -263,7 +277,8 @@ fn raw_tls(
 struct Row {
     in_recovery: bool,
     timeline: Option<u64>,
-    lag_seconds: f64,
+    /// Replay lag of a replica; None on a primary, or when it cannot be told.
+    lag_seconds: Option<f64>,
 }
 
 fn parse_row(messages: &[SimpleQueryMessage]) -> Option<Row> {
@@ -281,8 +296,9 @@ fn parse_row(messages: &[SimpleQueryMessage]) -> Option<Row> {
         None => None,
     };
     let lag_seconds = match row.try_get(2).ok()? {
-        Some(text) => text.parse().ok()?,
-        None => 0.0,
+        // Clocks of primary and replica may differ a little: never below 0.
+        Some(text) => Some(text.parse::<f64>().ok()?.max(0.0)),
+        None => None,
     };
     Some(Row {
         in_recovery,
@@ -350,6 +366,44 @@ fn classify(e: &tokio_postgres::Error) -> DownReason {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn replica_pool(max_lag: Option<Duration>) -> Probe {
+        let check = PostgresCheck {
+            user: "monitor".into(),
+            password: None,
+            database: "postgres".into(),
+            role: PostgresRole::Replica,
+            max_replication_lag: max_lag,
+            sslmode: SslMode::Disable,
+            on_multiple_primaries: crate::config::health::OnMultiplePrimaries::NewestTimeline,
+        };
+        let addr = "127.0.0.1:5432".parse().expect("addr");
+        Probe::new(addr, Arc::new(check), Duration::from_secs(1), None)
+    }
+
+    fn replica(lag_seconds: Option<f64>) -> Row {
+        Row {
+            in_recovery: true,
+            timeline: None,
+            lag_seconds,
+        }
+    }
+
+    #[test]
+    fn replica_lag_against_max_replication_lag() {
+        let strict = replica_pool(Some(Duration::from_secs(10)));
+        assert_eq!(strict.judge(replica(Some(0.0))).status, HealthStatus::UP);
+        assert_eq!(strict.judge(replica(Some(10.0))).status, HealthStatus::UP);
+        let lagging = HealthStatus::down(DownReason::Lagging);
+        assert_eq!(strict.judge(replica(Some(10.5))).status, lagging);
+        let unknown = strict.judge(replica(None));
+        assert_eq!(unknown.status, lagging, "unknown lag is not trusted");
+        assert!(unknown.detail.is_some_and(|d| d.contains("unknown")));
+        // Without max_replication_lag, lag does not matter.
+        let lax = replica_pool(None);
+        assert_eq!(lax.judge(replica(None)).status, HealthStatus::UP);
+        assert_eq!(lax.judge(replica(Some(1e6))).status, HealthStatus::UP);
+    }
 
     #[test]
     fn timelines_from_wal_file_names() {

@@ -678,14 +678,18 @@ impl Flows {
         let backend = &pool.backends[index];
         let metrics = &pool.backend_metrics[index];
         metrics.udp_unreachable.inc();
-        if backend.state.record_connect_failure(now, pool.breaker) {
-            metrics.breaker_opened.inc();
-            warn!(
-                pool = %pool.config.name,
-                backend = %backend.name,
-                max_fails = pool.breaker.max_fails,
-                down_for_ms = pool.breaker.fail_duration_ms,
-                "backend marked down after consecutive udp port unreachable errors"
+        if let Some(opening) = backend.state.record_connect_failure(now, pool.breaker) {
+            let why = format!(
+                "{} consecutive udp port unreachable errors",
+                pool.breaker.max_fails
+            );
+            crate::health::passive::opened(
+                &pool.config.name,
+                backend,
+                metrics,
+                opening,
+                pool.breaker,
+                &why,
             );
         }
     }

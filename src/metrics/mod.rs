@@ -96,6 +96,9 @@ pub struct BackendMetrics {
     pub bytes_to_clients: IntCounter,
     /// The state change the opening breaker makes (down, passive), in the shared count.
     pub passive_down: IntCounter,
+    /// A change back to up made outside the active checks (the breaker closing, a reload
+    /// removing the pool's check), in the shared count.
+    pub back_up: IntCounter,
     /// ICMP port unreachable seen on a UDP flow to this backend.
     pub udp_unreachable: IntCounter,
 }
@@ -130,12 +133,15 @@ impl HealthMetrics {
     /// Counts one state change by the state entered and its reason (`-` when not down).
     pub fn state_changed(&self, to: crate::backend::HealthStatus) {
         let [pool, backend, _] = &self.labels;
-        let reason = to.reason.map_or("-", |r| r.as_str());
+        let reason = to.reason.map_or(NO_REASON, |r| r.as_str());
         self.state_changes
             .with_label_values(&[pool, backend, to.health.as_str(), reason])
             .inc();
     }
 }
+
+/// The `reason` label of a state change into up or standby.
+const NO_REASON: &str = "-";
 
 fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     let g = IntGauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
@@ -415,6 +421,12 @@ impl Metrics {
                 backend,
                 crate::backend::Health::Down.as_str(),
                 crate::backend::DownReason::Passive.as_str(),
+            ]),
+            back_up: self.backend_state_changes.with_label_values(&[
+                pool,
+                backend,
+                crate::backend::Health::Up.as_str(),
+                NO_REASON,
             ]),
             udp_unreachable: self.udp.backend_unreachable.with_label_values(l),
         }

@@ -7,6 +7,9 @@ Usage: mongo_mock.py ROLE [--legacy] [--tls]
             legacy `isMaster` works.
   --tls:    speak only TLS (mockupdb's own test certificate), as a member with
             net.tls.mode requireTLS does.
+As real servers do, a `hello` reply says `isWritablePrimary` and an `isMaster` reply says
+`ismaster` (servers before 4.4.2 know no `isWritablePrimary` at all), with `helloOk` from
+servers that know `hello`.
 Prints "port N" once listening. Then reads commands from stdin, one per line:
   primary | secondary | arbiter   switch the role and print "ok"
   stats                           print "hello=N ismaster=M" (commands answered so far)
@@ -25,10 +28,9 @@ def main():
     lock = threading.Lock()
     server = MockupDB(port=None, ssl="--tls" in sys.argv[2:])
 
-    def describe(role):
+    def describe(role, primary_field):
         doc = {
-            "ismaster": role == "primary",
-            "isWritablePrimary": role == "primary",
+            primary_field: role == "primary",
             "secondary": role == "secondary",
             "setName": SET_NAME,
             "hosts": ["localhost:%d" % server.port],
@@ -54,9 +56,10 @@ def main():
         if name == "hello":
             if legacy:
                 return request.command_err(code=59, errmsg="no such command: 'hello'")
-            return request.ok(helloOk=True, **describe(role))
+            return request.ok(**describe(role, "isWritablePrimary"))
         if name == "ismaster":
-            return request.ok(**describe(role))
+            hello_ok = {} if legacy else {"helloOk": True}
+            return request.ok(**hello_ok, **describe(role, "ismaster"))
         return request.ok()
 
     server.autoresponds(handle)
