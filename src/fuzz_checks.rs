@@ -2,6 +2,9 @@
 //! (`fuzz/`) and by the seeded mutation test in `cargo test` (`tests/fuzz_corpus.rs`). Each
 //! function panics when an invariant breaks; that panic is the finding. Not used at runtime.
 
+use std::net::SocketAddr;
+
+use crate::acl::canonical;
 use crate::proxy_protocol::{self, Decoded};
 use crate::tls::postgres::{self, Opening};
 use crate::tls::sni::{self, Parsed};
@@ -73,6 +76,17 @@ pub fn proxy_header(data: &[u8]) {
             (proxy_protocol::Version::V1, proxy_protocol::Header::Local) => {
                 proxy_protocol::Header::Unknown
             }
+            // IPv4-mapped addresses on both sides go out as TCP4.
+            (
+                _,
+                proxy_protocol::Header::Tcp {
+                    source,
+                    destination,
+                },
+            ) if is_v4(source) && is_v4(destination) => proxy_protocol::Header::Tcp {
+                source: v4(source),
+                destination: v4(destination),
+            },
             (_, h) => h,
         };
         assert_eq!(
@@ -85,4 +99,14 @@ pub fn proxy_header(data: &[u8]) {
             "re-encoding {header:?}"
         );
     }
+}
+
+/// Whether `a` is IPv4, or IPv6 mapping an IPv4 address.
+fn is_v4(a: SocketAddr) -> bool {
+    canonical(a.ip()).is_ipv4()
+}
+
+/// `a` with an IPv4-mapped address as IPv4.
+fn v4(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(canonical(a.ip()), a.port())
 }

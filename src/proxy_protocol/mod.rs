@@ -10,6 +10,8 @@ mod v2;
 use std::fmt;
 use std::net::SocketAddr;
 
+use crate::acl::canonical;
+
 pub use v1::MAX_LEN as MAX_V1_LEN;
 pub use v2::{MAX_LEN as MAX_V2_LEN, SIGNATURE as V2_SIGNATURE};
 
@@ -102,8 +104,10 @@ pub fn is_signature_prefix(input: &[u8]) -> bool {
     v1::SIGNATURE.starts_with(input) || v2::SIGNATURE.starts_with(input)
 }
 
-/// Encodes `header` in `version`. Addresses of different families are sent as IPv6 (the
-/// IPv4 one mapped); v1 has no LOCAL, so `Local` becomes `PROXY UNKNOWN`.
+/// Encodes `header` in `version`. IPv4-mapped IPv6 addresses (a dual-stack socket's view of
+/// an IPv4 peer) count as IPv4, so an IPv4 connection is sent as TCP4; addresses of
+/// different families are sent as IPv6 (the IPv4 one mapped). v1 has no LOCAL, so `Local`
+/// becomes `PROXY UNKNOWN`.
 pub fn encode(version: Version, header: &Header) -> Vec<u8> {
     match version {
         Version::V1 => v1::encode(header),
@@ -111,16 +115,20 @@ pub fn encode(version: Version, header: &Header) -> Vec<u8> {
     }
 }
 
-/// Both addresses in one family: as they are when they agree, else both as IPv6.
+/// Both addresses in one family: IPv4 when both are IPv4 or IPv4-mapped, else both IPv6.
 fn same_family(source: SocketAddr, destination: SocketAddr) -> (SocketAddr, SocketAddr) {
+    fn to_v4(a: SocketAddr) -> SocketAddr {
+        SocketAddr::new(canonical(a.ip()), a.port())
+    }
     fn to_v6(a: SocketAddr) -> SocketAddr {
         match a {
             SocketAddr::V4(v4) => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
             v6 => v6,
         }
     }
-    if source.is_ipv4() == destination.is_ipv4() {
-        (source, destination)
+    let (s, d) = (to_v4(source), to_v4(destination));
+    if s.is_ipv4() && d.is_ipv4() {
+        (s, d)
     } else {
         (to_v6(source), to_v6(destination))
     }

@@ -119,6 +119,36 @@ fn mixed_families_are_sent_as_ipv6() {
 }
 
 #[test]
+fn ipv4_mapped_addresses_are_sent_as_ipv4() {
+    // A dual-stack [::] listener sees an IPv4 client and its own address as ::ffff:a.b.c.d.
+    let h = tcp("[::ffff:10.1.2.3]:5000", "[::ffff:10.0.0.1]:443");
+    assert_eq!(
+        encode(Version::V1, &h),
+        b"PROXY TCP4 10.1.2.3 10.0.0.1 5000 443\r\n".to_vec()
+    );
+    let v2 = encode(Version::V2, &h);
+    assert_eq!(
+        &v2[12..16],
+        &[0x21, 0x11, 0x00, 0x0C],
+        "PROXY, TCP4, 12 bytes"
+    );
+    assert_eq!(complete(&v2).0, tcp("10.1.2.3:5000", "10.0.0.1:443"));
+    // One mapped, one plain IPv4: IPv4 too.
+    assert_eq!(
+        encode(Version::V1, &tcp("[::ffff:10.1.2.3]:5000", "10.0.0.1:443")),
+        b"PROXY TCP4 10.1.2.3 10.0.0.1 5000 443\r\n".to_vec()
+    );
+    // A mapped client on a real IPv6 address stays IPv6.
+    assert_eq!(
+        encode(
+            Version::V1,
+            &tcp("[::ffff:10.1.2.3]:5000", "[2001:db8::1]:443")
+        ),
+        b"PROXY TCP6 ::ffff:10.1.2.3 2001:db8::1 5000 443\r\n".to_vec()
+    );
+}
+
+#[test]
 fn incremental_and_prefix_stable() {
     for bytes in [
         b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\r\nGET /".to_vec(),
