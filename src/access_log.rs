@@ -1,6 +1,6 @@
 //! The access log: one record per connection at its end (time, listener, client, pool,
-//! backend, SNI when known, bytes each way, duration, close reason and, when the routing
-//! step refused the connection, why), as JSON or logfmt text.
+//! backend, SNI and offered ALPN when known, bytes each way, duration, close reason and, when
+//! the routing step refused the connection, why), as JSON or logfmt text.
 //! Connections hand records to a bounded channel with `try_send`; a writer thread formats
 //! and writes them. When the writer falls behind, records are dropped and counted: logging
 //! never blocks forwarding. A reload reconfigures (and reopens, for log rotation) the file.
@@ -35,6 +35,8 @@ pub struct Record {
     pub backend: Option<(Arc<str>, BackendAddr)>,
     /// TLS server name, when the listener reads it.
     pub sni: Option<Box<str>>,
+    /// ALPN protocols the TLS client offered, comma-separated, when it offered any.
+    pub alpn: Option<Box<str>>,
     pub bytes_from_client: u64,
     pub bytes_to_client: u64,
     pub duration: Duration,
@@ -212,6 +214,7 @@ struct JsonRecord<'a> {
     backend: Option<&'a str>,
     backend_address: Option<String>,
     sni: Option<&'a str>,
+    alpn: Option<&'a str>,
     bytes_from_client: u64,
     bytes_to_client: u64,
     duration_ms: f64,
@@ -229,6 +232,7 @@ impl<'a> From<&'a Record> for JsonRecord<'a> {
             backend: r.backend.as_ref().map(|(n, _)| &**n),
             backend_address: r.backend.as_ref().map(|(_, a)| a.to_string()),
             sni: r.sni.as_deref(),
+            alpn: r.alpn.as_deref(),
             bytes_from_client: r.bytes_from_client,
             bytes_to_client: r.bytes_to_client,
             duration_ms: (r.duration.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0,
@@ -245,7 +249,7 @@ fn text_line(r: &Record) -> String {
         None => ("-".to_string(), "-".to_string()),
     };
     format!(
-        "time={} listener={} client={} pool={} backend={} backend_address={} sni={} bytes_from_client={} bytes_to_client={} duration_ms={:.3} reason={} refused={}\n",
+        "time={} listener={} client={} pool={} backend={} backend_address={} sni={} alpn={} bytes_from_client={} bytes_to_client={} duration_ms={:.3} reason={} refused={}\n",
         humantime::format_rfc3339_millis(r.time),
         quote(&r.listener),
         r.client,
@@ -253,6 +257,7 @@ fn text_line(r: &Record) -> String {
         backend,
         address,
         r.sni.as_deref().map_or("-".to_string(), quote),
+        r.alpn.as_deref().map_or("-".to_string(), quote),
         r.bytes_from_client,
         r.bytes_to_client,
         r.duration.as_secs_f64() * 1000.0,
@@ -289,6 +294,7 @@ mod tests {
                 BackendAddr("10.0.0.7:5432".parse().expect("addr")),
             )),
             sni: None,
+            alpn: None,
             bytes_from_client: n,
             bytes_to_client: 90211,
             duration: Duration::from_millis(5312),
@@ -333,25 +339,33 @@ mod tests {
         assert_eq!(json["backend"], "db-1");
         assert_eq!(json["backend_address"], "10.0.0.7:5432");
         assert_eq!(json["sni"], serde_json::Value::Null);
+        assert_eq!(json["alpn"], serde_json::Value::Null);
         assert_eq!(json["bytes_from_client"], 1840);
         assert_eq!(json["duration_ms"], 5312.0);
         assert_eq!(json["reason"], "client_closed");
         assert_eq!(
             text_line(&r),
-            "time=2023-11-14T22:13:20.000Z listener=app client=10.1.2.3:51234 pool=\"app pool\" backend=db-1 backend_address=10.0.0.7:5432 sni=- bytes_from_client=1840 bytes_to_client=90211 duration_ms=5312.000 reason=client_closed refused=-\n"
+            "time=2023-11-14T22:13:20.000Z listener=app client=10.1.2.3:51234 pool=\"app pool\" backend=db-1 backend_address=10.0.0.7:5432 sni=- alpn=- bytes_from_client=1840 bytes_to_client=90211 duration_ms=5312.000 reason=client_closed refused=-\n"
         );
         let refused = Record {
             backend: None,
             sni: Some(Box::from("other.example.com")),
+            alpn: Some(Box::from("h2,http/1.1")),
             reason: CloseReason::Refused.as_str(),
             refused: Some(Refusal::NoRoute),
             ..r
         };
         let json = serde_json::to_value(JsonRecord::from(&refused)).expect("serialize");
         assert_eq!(json["sni"], "other.example.com");
+        assert_eq!(json["alpn"], "h2,http/1.1");
         assert_eq!(json["reason"], "refused");
         assert_eq!(json["refused"], "no_route");
-        assert!(text_line(&refused).ends_with(" reason=refused refused=no_route\n"));
+        let line = text_line(&refused);
+        assert!(
+            line.contains(" sni=other.example.com alpn=h2,http/1.1 "),
+            "{line}"
+        );
+        assert!(line.ends_with(" reason=refused refused=no_route\n"));
     }
 
     #[test]

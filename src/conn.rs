@@ -140,6 +140,7 @@ pub async fn serve(
                 pool: Arc::from("-"),
                 backend: None,
                 sni: learned.sni().map(Box::from),
+                alpn: learned.alpn(),
                 bytes_from_client: 0,
                 bytes_to_client: 0,
                 duration: started.elapsed(),
@@ -233,6 +234,7 @@ pub async fn serve(
         pool: Arc::from(pool.config.name.as_str()),
         backend: backend.map(|b| (Arc::clone(&b.name), b.addr)),
         sni: prepared.sni().map(Box::from),
+        alpn: prepared.alpn(),
         bytes_from_client: bytes.0,
         bytes_to_client: bytes.1,
         duration: started.elapsed(),
@@ -255,7 +257,7 @@ fn log_close(
         client = %prepared.client,
         pool = %pool.config.name,
         sni = prepared.sni().unwrap_or("-"),
-        alpn = prepared.hello.as_ref().map(|h| h.alpn_list()).as_deref().unwrap_or("-"),
+        alpn = prepared.alpn().as_deref().unwrap_or("-"),
         // Field values are only built when the line is enabled: no per-connection
         // formatting at --log-level warn.
         backend = backend.map_or_else(|| "-".to_string(), |b| b.to_string()),

@@ -208,6 +208,12 @@ impl Prepared {
         self.hello.as_ref()?.sni.as_deref()
     }
 
+    /// The ALPN protocols the client offered, comma-separated, if it offered any.
+    pub fn alpn(&self) -> Option<Box<str>> {
+        let hello = self.hello.as_ref().filter(|h| !h.alpn.is_empty())?;
+        Some(hello.alpn_list().into_boxed_str())
+    }
+
     fn new(client: SocketAddr, destination: SocketAddr, routing: &Routing) -> Prepared {
         Prepared {
             client: ClientAddr(client),

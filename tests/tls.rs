@@ -418,11 +418,15 @@ pools:
     );
     let lb = Balancer::start(&yaml).await;
     let addr = lb.addr("tls");
-    // Routed: the record names the pool and the server name.
+    // Routed: the record names the pool, the server name and the protocols offered.
     let mut tcp = TcpStream::connect(addr).await.expect("connect");
-    tcp.write_all(&build_client_hello(Some("db.example.com"), &[], 0))
-        .await
-        .expect("hello");
+    tcp.write_all(&build_client_hello(
+        Some("db.example.com"),
+        &[b"h2", b"http/1.1"],
+        0,
+    ))
+    .await
+    .expect("hello");
     let (greeting, reader) = greet(tcp).await;
     assert_eq!(greeting, "db-plain");
     drop(reader);
@@ -461,8 +465,10 @@ pools:
     };
     let routed = by_sni("db.example.com");
     assert_eq!(routed["pool"], "db");
+    assert_eq!(routed["alpn"], "h2,http/1.1");
     assert_eq!(routed["refused"], serde_json::Value::Null);
     let no_route = by_sni("other.example.org");
+    assert_eq!(no_route["alpn"], serde_json::Value::Null, "no ALPN offered");
     assert_eq!(no_route["reason"], "refused");
     assert_eq!(no_route["refused"], "no_route");
     assert_eq!(no_route["backend"], serde_json::Value::Null);

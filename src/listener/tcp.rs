@@ -118,6 +118,7 @@ impl AcceptLoop {
                                 pool: Arc::from("-"),
                                 backend: None,
                                 sni: None,
+                                alpn: None,
                                 bytes_from_client: 0,
                                 bytes_to_client: 0,
                                 duration: Duration::ZERO,

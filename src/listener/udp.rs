@@ -725,6 +725,7 @@ impl Flows {
             pool: Arc::from(flow.pool.config.name.as_str()),
             backend: Some((Arc::clone(&backend.name), backend.addr)),
             sni: None,
+            alpn: None,
             bytes_from_client: flow.bytes_from_client,
             bytes_to_client: flow.bytes_to_client,
             duration: flow.started.elapsed(),
