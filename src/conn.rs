@@ -46,7 +46,8 @@ pub enum CloseReason {
     /// `on_backend_down: close_connections`.
     BackendDown,
     /// The routing step closed it before any backend (ACL, PROXY header, ClientHello, no
-    /// route); the metric `switchyard_listener_connections_rejected_total` says why.
+    /// route), or the first-bytes check as forwarding started (a PROXY header from an
+    /// untrusted peer); the metric `switchyard_listener_connections_rejected_total` says why.
     Refused,
     /// The backend broke the protocol before forwarding (declined the Postgres SSLRequest).
     BackendProtocol,
@@ -205,6 +206,7 @@ pub async fn serve(
                         &ctx.close_all,
                         &mut close,
                         &counters,
+                        prepared.first_bytes,
                     )
                     .await;
                     (
@@ -216,6 +218,12 @@ pub async fn serve(
             }
         }
     };
+    // Past the routing step, only the first-bytes check refuses: a PROXY header from a peer
+    // not trusted to send one.
+    let refused = (reason == CloseReason::Refused).then_some(route::Refusal::ProxyUntrusted);
+    if let Some(refusal) = refused {
+        route.metrics.refused(refusal).inc();
+    }
     route.metrics.active.dec();
     route.metrics.closed(reason).inc();
     log_close(
@@ -225,7 +233,7 @@ pub async fn serve(
         backend.map(|b| b.addr),
         bytes,
         started,
-        reason,
+        (reason, refused),
     );
     ctx.access_log.log(|| Record {
         time: std::time::SystemTime::now(),
@@ -239,7 +247,7 @@ pub async fn serve(
         bytes_to_client: bytes.1,
         duration: started.elapsed(),
         reason: reason.as_str(),
-        refused: None,
+        refused,
     });
 }
 
@@ -250,7 +258,7 @@ fn log_close(
     backend: Option<BackendAddr>,
     (from_client, to_client): (u64, u64),
     started: Instant,
-    reason: CloseReason,
+    (reason, refused): (CloseReason, Option<route::Refusal>),
 ) {
     info!(
         listener = %route.config.name,
@@ -265,6 +273,7 @@ fn log_close(
         bytes_to_client = to_client,
         duration_ms = started.elapsed().as_millis() as u64,
         reason = reason.as_str(),
+        refused = refused.map_or("-", route::Refusal::as_str),
         "connection closed"
     );
 }

@@ -4,7 +4,10 @@
 //! peeked, and handed back as `replay`, so the backend later receives exactly what the client
 //! sent (minus the PROXY header and the SSLRequest, which are consumed here and re-sent by
 //! [`handshake_backend`]). Every read has a deadline; malformed input ends in a [`Refusal`]
-//! the caller counts. The parsers themselves are pure (`tls`, `proxy_protocol`, `acl`).
+//! the caller counts. A PROXY header from a peer not trusted to send one is refused: here when
+//! the listener reads the client first (TLS), else by a [`FirstBytes`] check as forwarding
+//! starts, so a backend that speaks first is not kept waiting. The parsers themselves are pure
+//! (`tls`, `proxy_protocol`, `acl`).
 
 use std::collections::HashMap;
 use std::io;
@@ -20,6 +23,7 @@ use crate::acl::{self, Acl, Verdict};
 use crate::backend::ClientAddr;
 use crate::config::{AcceptProxy, ListenerConfig, SniPattern, TlsPassthrough};
 use crate::conn::CloseReason;
+use crate::forward::{FirstBytes, Screen};
 use crate::proxy_protocol::{self, Decoded, Header};
 use crate::state::{Pool, Route};
 use crate::tls::postgres::{self, Opening};
@@ -32,7 +36,8 @@ pub enum Refusal {
     MaxConnections,
     /// The source address is denied by the listener's ACL.
     AclDenied,
-    /// A peer not in `accept_proxy_protocol.from` sent a PROXY header.
+    /// A peer not in `accept_proxy_protocol.from` sent a PROXY header (on a plain listener,
+    /// found while forwarding: the header is held back and the connection closed).
     ProxyUntrusted,
     /// A trusted peer sent a broken PROXY header, or none.
     ProxyMalformed,
@@ -200,6 +205,9 @@ pub struct Prepared {
     pub postgres_ssl_request: bool,
     /// PROXY header to send the backend first.
     pub proxy_out: Option<proxy_protocol::Version>,
+    /// Check on the client's first bytes while forwarding: set for a peer that may not send
+    /// a PROXY header on a listener that reads nothing before connecting.
+    pub first_bytes: Option<FirstBytes>,
 }
 
 impl Prepared {
@@ -223,6 +231,7 @@ impl Prepared {
             replay: Vec::new(),
             postgres_ssl_request: false,
             proxy_out: routing.proxy_out,
+            first_bytes: None,
         }
     }
 }
@@ -267,7 +276,8 @@ async fn read_prelude(
     let routing = &route.routing;
     let mut buf: Vec<u8> = Vec::new();
     let mut start = 0;
-    let mut untrusted_peer = false;
+    // The PROXY header timeout, for a peer that must not send one.
+    let mut untrusted_peer = None;
 
     if let Some(accept) = &routing.accept_proxy {
         if acl::any_contains(&accept.from, peer.ip()) {
@@ -302,7 +312,7 @@ async fn read_prelude(
                 }
             }
         } else {
-            untrusted_peer = true;
+            untrusted_peer = Some(accept.timeout);
         }
     }
 
@@ -311,6 +321,12 @@ async fn read_prelude(
     }
 
     let Some(tls) = &routing.tls else {
+        // Nothing is read before connecting (the backend may speak first): the first bytes
+        // are checked as they are forwarded.
+        prepared.first_bytes = untrusted_peer.map(|wait| FirstBytes {
+            check: untrusted_first_bytes,
+            wait,
+        });
         prepared.replay = buf.split_off(start);
         return Ok(());
     };
@@ -320,6 +336,26 @@ async fn read_prelude(
         ReadFail::Closed => Refusal::ClosedEarly,
         ReadFail::Full => Refusal::HelloTooLarge,
     };
+
+    if untrusted_peer.is_some() {
+        // The client speaks first here: a PROXY header is refused before any backend.
+        loop {
+            match untrusted_first_bytes(&buf) {
+                Screen::Forward => break,
+                Screen::Refuse => return Err(Refusal::ProxyUntrusted),
+                Screen::NeedMore => {
+                    read_more(
+                        stream,
+                        &mut buf,
+                        proxy_protocol::V2_SIGNATURE.len(),
+                        deadline,
+                    )
+                    .await
+                    .map_err(hello_fail)?;
+                }
+            }
+        }
+    }
 
     if tls.postgres {
         let mut declined_gss = false;
@@ -376,7 +412,7 @@ async fn read_prelude(
             }
             Err(e) => {
                 debug!(listener = %route.config.name, client = %prepared.client, error = %e, "bad ClientHello");
-                return Err(hello_refusal(e, &buf[start..], untrusted_peer));
+                return Err(hello_refusal(e));
             }
         }
     };
@@ -388,15 +424,23 @@ async fn read_prelude(
     Ok(())
 }
 
-fn hello_refusal(e: HelloError, bytes: &[u8], untrusted_peer: bool) -> Refusal {
-    let head = &bytes[..bytes.len().min(proxy_protocol::V2_SIGNATURE.len())];
-    let proxy_like = proxy_protocol::starts_with_signature(bytes).is_some()
-        || proxy_protocol::is_signature_prefix(head);
+fn hello_refusal(e: HelloError) -> Refusal {
     match e {
-        _ if untrusted_peer && e.is_not_tls() && proxy_like => Refusal::ProxyUntrusted,
         _ if e.is_not_tls() => Refusal::NotTls,
         HelloError::TooLarge => Refusal::HelloTooLarge,
         _ => Refusal::HelloMalformed,
+    }
+}
+
+/// The first bytes of a peer not trusted to send a PROXY header: refused when they start
+/// with a v1 or v2 signature, held while they are a strict prefix of one.
+pub fn untrusted_first_bytes(bytes: &[u8]) -> Screen {
+    if proxy_protocol::starts_with_signature(bytes).is_some() {
+        Screen::Refuse
+    } else if proxy_protocol::is_signature_prefix(bytes) {
+        Screen::NeedMore
+    } else {
+        Screen::Forward
     }
 }
 

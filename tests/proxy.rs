@@ -7,6 +7,7 @@ mod common;
 mod nginx;
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
@@ -19,9 +20,12 @@ use tokio::task::JoinHandle;
 
 const REJECTED: &str = "switchyard_listener_connections_rejected_total";
 
-/// A backend that reads everything until the client half-closes, sends it all back, closes.
+/// A backend that reads everything until the client half-closes, keeps a copy, sends it all
+/// back, closes.
 struct Capture {
     addr: SocketAddr,
+    /// What each connection sent, once it ended.
+    seen: Arc<Mutex<Vec<Vec<u8>>>>,
     task: JoinHandle<()>,
 }
 
@@ -29,21 +33,33 @@ impl Capture {
     async fn start() -> Capture {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let kept = Arc::clone(&seen);
         let task = tokio::spawn(async move {
             loop {
                 let Ok((mut s, _)) = listener.accept().await else {
                     return;
                 };
+                let kept = Arc::clone(&kept);
                 tokio::spawn(async move {
                     let mut got = Vec::new();
-                    if s.read_to_end(&mut got).await.is_ok() {
-                        let _ = s.write_all(&got).await;
-                    }
+                    let _ = s.read_to_end(&mut got).await;
+                    kept.lock().unwrap().push(got.clone());
+                    let _ = s.write_all(&got).await;
                     let _ = s.shutdown().await;
                 });
             }
         });
-        Capture { addr, task }
+        Capture { addr, seen, task }
+    }
+
+    /// Whether any connection so far carried `needle`.
+    fn saw(&self, needle: &[u8]) -> bool {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|got| got.windows(needle.len()).any(|w| w == needle))
     }
 }
 
@@ -223,11 +239,22 @@ listeners:
     proxy_protocol: v1
     accept_proxy_protocol:
       from: [127.0.0.2/32]
-      timeout: 500ms
+      timeout: 5s
+  - name: silent
+    bind: 127.0.0.1:0
+    pool: p
+    accept_proxy_protocol:
+      from: [127.0.0.2/32]
+      timeout: 300ms
   - name: tls
     bind: 127.0.0.1:0
     proxy_protocol: v2
     tls_passthrough: {{ default_pool: p }}
+    accept_proxy_protocol:
+      from: [127.0.0.2/32]
+  - name: pg
+    bind: 127.0.0.1:0
+    tls_passthrough: {{ postgres: true, default_pool: p }}
     accept_proxy_protocol:
       from: [127.0.0.2/32]
 pools:
@@ -292,38 +319,79 @@ pools:
         2
     );
 
-    // Trusted and silent: closed after the header timeout.
-    let mut silent = connect_from("127.0.0.2", addr).await;
+    // Trusted and silent: closed after the header timeout (a listener of its own, with a
+    // short one; nothing else is sent there).
+    let mut silent = connect_from("127.0.0.2", lb.addr("silent")).await;
     assert!(read_to_end(&mut silent).await.is_empty());
-    assert_eq!(lb.counter(REJECTED, &[("reason", "proxy_timeout")]), 1);
+    assert_eq!(
+        lb.counter(
+            REJECTED,
+            &[("listener", "silent"), ("reason", "proxy_timeout")]
+        ),
+        1
+    );
 
-    // Untrusted: a direct client, its bytes passed on as data under its real address.
-    let (seen, client) = send_from("127.0.0.3", addr, b"PROXY TCP4 9.9.9.9 9.9.9.9 1 1\r\nx").await;
+    // Untrusted: a direct client; its data goes on under its real address...
+    let (seen, client) = send_from("127.0.0.3", addr, b"PROXIES\r\nx").await;
     assert_eq!(
         String::from_utf8_lossy(&seen),
         format!(
-            "PROXY TCP4 127.0.0.3 127.0.0.1 {} {}\r\nPROXY TCP4 9.9.9.9 9.9.9.9 1 1\r\nx",
+            "PROXY TCP4 127.0.0.3 127.0.0.1 {} {}\r\nPROXIES\r\nx",
             client.port(),
             addr.port()
         )
     );
-
-    // On a TLS listener the first bytes are read anyway: an untrusted header is refused.
-    let tls = lb.addr("tls");
-    let (seen, _) = send_from("127.0.0.3", tls, b"PROXY TCP4 9.9.9.9 9.9.9.9 1 1\r\n").await;
-    assert!(seen.is_empty());
-    assert_eq!(
-        lb.counter(
-            REJECTED,
-            &[("listener", "tls"), ("reason", "proxy_untrusted")]
-        ),
-        1
+    // ...but a PROXY header from it is refused, whole or split across segments, on every
+    // kind of listener, and never reaches a backend.
+    let spoofed = b"PROXY TCP4 9.9.9.9 9.9.9.9 1 1\r\nx";
+    let (seen, _) = send_from("127.0.0.3", addr, spoofed).await;
+    assert!(seen.is_empty(), "{}", String::from_utf8_lossy(&seen));
+    let mut split = connect_from("127.0.0.3", addr).await;
+    split.set_nodelay(true).unwrap();
+    split.write_all(b"\r\n\r").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let v2 = proxy_protocol::encode(
+        Version::V2,
+        &tcp("9.9.9.9:1".parse().unwrap(), "9.9.9.9:2".parse().unwrap()),
+    );
+    let _ = split.write_all(&v2[3..]).await;
+    let mut rest = Vec::new();
+    let _ = within("closed", split.read_to_end(&mut rest)).await;
+    assert!(rest.is_empty());
+    for listener in ["tls", "pg"] {
+        let (seen, _) = send_from("127.0.0.3", lb.addr(listener), spoofed).await;
+        assert!(seen.is_empty(), "{listener}");
+    }
+    for listener in ["in", "tls", "pg"] {
+        let wanted = if listener == "in" { 2 } else { 1 };
+        assert_eq!(
+            lb.counter(
+                REJECTED,
+                &[("listener", listener), ("reason", "proxy_untrusted")]
+            ),
+            wanted,
+            "{listener}"
+        );
+    }
+    // Every backend connection has ended (the refused ones included) before looking.
+    wait_for("backend connections end", || {
+        backend.seen.lock().unwrap().len() as u64
+            >= lb.counter("switchyard_backend_connect_attempts_total", &[])
+    })
+    .await;
+    assert!(
+        !backend.saw(b"9.9.9.9"),
+        "a spoofed header reached the backend"
+    );
+    assert!(
+        !backend.saw(&[9, 9, 9, 9]),
+        "a spoofed header reached the backend"
     );
     // A trusted one is consumed and the ClientHello behind it routed; v2 goes out.
     let hello = build_client_hello(Some("db.example.com"), &[], 0);
     let mut bytes = b"PROXY TCP4 203.0.113.9 198.51.100.2 6000 443\r\n".to_vec();
     bytes.extend_from_slice(&hello);
-    let (seen, _) = send_from("127.0.0.2", tls, &bytes).await;
+    let (seen, _) = send_from("127.0.0.2", lb.addr("tls"), &bytes).await;
     let mut wanted = proxy_protocol::encode(
         Version::V2,
         &tcp(
@@ -334,33 +402,87 @@ pools:
     wanted.extend_from_slice(&hello);
     assert_eq!(seen, wanted);
 
-    // The access log names the client the trusted PROXY headers gave, refused or not.
+    // The access log names the client the trusted PROXY headers gave, refused or not, and
+    // the peer itself for the untrusted ones (four refused above).
     let wanted = ["203.0.113.7:5555", "[2001:db8::7]:4000", "203.0.113.9:6000"];
-    let records = within("access log records", async {
-        loop {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            let records: Vec<serde_json::Value> = text
-                .lines()
-                .map(|l| serde_json::from_str(l).unwrap())
-                .collect();
-            if wanted
-                .iter()
-                .all(|c| records.iter().any(|r| r["client"] == *c))
-            {
-                return records;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    let read_records = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let is_untrusted = |r: &&serde_json::Value| r["refused"] == "proxy_untrusted";
+    wait_for("access log records", || {
+        let records = read_records();
+        wanted
+            .iter()
+            .all(|c| records.iter().any(|r| r["client"] == *c))
+            && records.iter().filter(is_untrusted).count() == 4
     })
     .await;
+    let records = read_records();
     for client in wanted {
         let r = records.iter().find(|r| r["client"] == client).unwrap();
         assert_ne!(r["reason"], "refused", "{r}");
     }
-    // The spoofed header of an untrusted peer is data, not a client address.
+    // The spoofed header of an untrusted peer names no client.
     assert!(!records
         .iter()
         .any(|r| r["client"].as_str().unwrap().starts_with("9.9.9.9")));
+    let untrusted: Vec<_> = records.iter().filter(is_untrusted).collect();
+    for r in &untrusted {
+        assert!(
+            r["client"].as_str().unwrap().starts_with("127.0.0.3:"),
+            "{r}"
+        );
+        assert_eq!(r["reason"], "refused", "{r}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untrusted_peers_are_screened_without_delaying_a_backend_that_speaks_first() {
+    let backend = Backend::start("greeter").await;
+    let yaml = format!(
+        "listeners:
+  - name: l
+    bind: 127.0.0.1:0
+    pool: p
+    accept_proxy_protocol: {{ from: [127.0.0.2/32], timeout: 5s }}
+pools:
+  - {{ name: p, backends: [{{ address: \"{}\" }}] }}
+",
+        backend.addr
+    );
+    let lb = Balancer::start(&yaml).await;
+    // The backend greets a client that has sent nothing (as MySQL and SMTP servers do)...
+    let s = connect_from("127.0.0.3", lb.addr("l")).await;
+    let (greeting, mut s) = greet(s).await;
+    assert_eq!(greeting, "greeter");
+    // ...and the client's answer is forwarded.
+    s.get_mut().write_all(b"HELO x\r\n").await.unwrap();
+    let mut echo = [0u8; 8];
+    within("echo", s.read_exact(&mut echo)).await.unwrap();
+    assert_eq!(&echo, b"HELO x\r\n");
+    // A PROXY header as its first bytes, even after the greeting, closes it.
+    let s = connect_from("127.0.0.3", lb.addr("l")).await;
+    let (greeting, mut s) = greet(s).await;
+    assert_eq!(greeting, "greeter");
+    let _ = s
+        .get_mut()
+        .write_all(b"PROXY TCP4 9.9.9.9 9.9.9.9 1 1\r\n")
+        .await;
+    let mut rest = Vec::new();
+    let _ = within("closed", s.read_to_end(&mut rest)).await;
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    assert_eq!(lb.counter(REJECTED, &[("reason", "proxy_untrusted")]), 1);
+    assert_eq!(
+        lb.counter(
+            "switchyard_listener_connections_closed_total",
+            &[("reason", "refused")]
+        ),
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,7 +2,9 @@
 //! one task, each half-closing on its own (EOF from one side becomes a FIN to the other while
 //! the reverse direction keeps flowing), an idle timer over both, and a cancel for shutdown.
 //! Linux uses `splice(2)` ([`splice`]); a buffered copy ([`copy`]) serves elsewhere and where
-//! splice is refused. This module owns no routing decisions and no logging per byte.
+//! splice is refused. A caller may have the client's first bytes checked before any is
+//! forwarded ([`FirstBytes`]); the check itself is the caller's. This module owns no routing
+//! decisions and no logging per byte.
 
 mod copy;
 #[cfg(target_os = "linux")]
@@ -29,6 +31,32 @@ pub struct Outcome {
     pub bytes_to_client: u64,
 }
 
+/// A check on the first bytes the client sends, made before any of them reaches the backend,
+/// on the client→backend direction only: the backend→client direction flows meanwhile, so a
+/// protocol where the server speaks first is not held up.
+#[derive(Debug, Clone, Copy)]
+pub struct FirstBytes {
+    /// Judges the bytes received so far (at least one, at most [`FIRST_BYTES_MAX`]).
+    pub check: fn(&[u8]) -> Screen,
+    /// How long to wait for more bytes once the check asked for them; then the bytes are
+    /// forwarded.
+    pub wait: Duration,
+}
+
+/// The most bytes held back for a [`FirstBytes`] check.
+pub const FIRST_BYTES_MAX: usize = 16;
+
+/// A [`FirstBytes`] check's verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Screen {
+    /// Forward these bytes and everything after them.
+    Forward,
+    /// Close the connection (reason `refused`); nothing is forwarded.
+    Refuse,
+    /// Cannot tell yet: wait for more bytes.
+    NeedMore,
+}
+
 /// Per-listener byte counters, bumped as bytes move (one relaxed add per chunk).
 #[derive(Debug, Clone)]
 pub struct ByteCounters {
@@ -49,6 +77,8 @@ pub(crate) enum PumpError {
     /// splice(2) cannot serve this pair of sockets; nothing was moved yet.
     #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
     Unsupported(io::Error),
+    /// The [`FirstBytes`] check refused the client's first bytes.
+    Refused,
 }
 
 /// Bytes moved in one direction and the connection's last activity, shared by both pumps and
@@ -91,7 +121,9 @@ impl Activity {
 }
 
 /// Forwards both directions until both have ended, one fails, the connection idles past
-/// `idle_timeout`, `cancel` fires, or `close` orders the backend's connections closed.
+/// `idle_timeout`, `cancel` fires, or `close` orders the backend's connections closed. With
+/// `first_bytes`, the client's first bytes pass its check before any is forwarded; a refusal
+/// ends the connection with [`CloseReason::Refused`].
 pub async fn forward(
     client: &TcpStream,
     backend: &TcpStream,
@@ -99,6 +131,7 @@ pub async fn forward(
     cancel: &CancellationToken,
     close: &mut CloseSignal,
     counters: &ByteCounters,
+    first_bytes: Option<FirstBytes>,
 ) -> Outcome {
     let activity = Activity {
         started: Instant::now(),
@@ -116,7 +149,12 @@ pub async fn forward(
         backend_counter: &counters.backend_to_client,
         activity: &activity,
     };
-    let up_pump = pump(client, backend, &up);
+    let up_pump = async {
+        if let Some(first) = first_bytes {
+            screen(client, backend, &up, first).await?;
+        }
+        pump(client, backend, &up).await
+    };
     let down_pump = pump(backend, client, &down);
     tokio::pin!(up_pump, down_pump);
 
@@ -171,9 +209,49 @@ fn failure_reason(
     let (reason, e) = match error {
         PumpError::Read(e) | PumpError::Unsupported(e) => (read_side, e),
         PumpError::Write(e) => (write_side, e),
+        PumpError::Refused => return CloseReason::Refused,
     };
     tracing::debug!(error = %e, reason = reason.as_str(), "forwarding ended by a socket error");
     reason
+}
+
+/// Reads `src`'s first bytes (a few, never past [`FIRST_BYTES_MAX`]) until `first.check`
+/// decides, then writes them to `dst` unless refused. The wait for more bytes starts at the
+/// first byte (before it, the idle timer applies); at EOF or when the wait runs out, the bytes
+/// read so far are forwarded and the pump that follows sees the EOF again.
+async fn screen(
+    src: &TcpStream,
+    dst: &TcpStream,
+    progress: &Progress<'_>,
+    first: FirstBytes,
+) -> Result<(), PumpError> {
+    let mut held = [0u8; FIRST_BYTES_MAX];
+    let mut len = 0;
+    let mut deadline = None;
+    while len < held.len() {
+        let ready = match deadline {
+            None => Ok(src.readable().await),
+            Some(at) => tokio::time::timeout_at(at, src.readable()).await,
+        };
+        match ready {
+            Err(_) => break,
+            Ok(r) => r.map_err(PumpError::Read)?,
+        }
+        match src.try_read(&mut held[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(PumpError::Read(e)),
+        }
+        match (first.check)(&held[..len]) {
+            Screen::Forward => break,
+            Screen::Refuse => return Err(PumpError::Refused),
+            Screen::NeedMore => {
+                deadline.get_or_insert_with(|| Instant::now() + first.wait);
+            }
+        }
+    }
+    copy::write_rest(dst, &held[..len], 0, progress).await
 }
 
 /// Moves bytes from `src` to `dst` until EOF, then half-closes `dst`.

@@ -107,19 +107,28 @@ fn refusal_labels_are_indexed_in_order() {
 #[test]
 fn untrusted_proxy_header_is_told_apart_from_other_garbage() {
     let v1 = b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n";
-    let e = HelloError::NotHandshake(b'P');
-    assert_eq!(hello_refusal(e, v1, true), Refusal::ProxyUntrusted);
-    assert_eq!(hello_refusal(e, v1, false), Refusal::NotTls);
+    let v2 = crate::proxy_protocol::encode(crate::proxy_protocol::Version::V2, &Header::Local);
+    assert_eq!(untrusted_first_bytes(v1), Screen::Refuse);
+    assert_eq!(untrusted_first_bytes(&v2), Screen::Refuse);
+    assert_eq!(untrusted_first_bytes(&v1[..6]), Screen::Refuse);
+    // A part of a signature: wait for more.
+    assert_eq!(untrusted_first_bytes(&v1[..3]), Screen::NeedMore);
+    assert_eq!(untrusted_first_bytes(&v2[..11]), Screen::NeedMore);
+    // Anything else is data: at once, on its first byte.
+    assert_eq!(untrusted_first_bytes(b"PROXX"), Screen::Forward);
+    assert_eq!(untrusted_first_bytes(b"G"), Screen::Forward);
+    assert_eq!(untrusted_first_bytes(&[22]), Screen::Forward);
     assert_eq!(
-        hello_refusal(HelloError::NotHandshake(b'G'), b"GET /", true),
+        untrusted_first_bytes(&crate::tls::postgres::SSL_REQUEST),
+        Screen::Forward
+    );
+    assert_eq!(
+        hello_refusal(HelloError::NotHandshake(b'G')),
         Refusal::NotTls
     );
+    assert_eq!(hello_refusal(HelloError::TooLarge), Refusal::HelloTooLarge);
     assert_eq!(
-        hello_refusal(HelloError::TooLarge, &[22], true),
-        Refusal::HelloTooLarge
-    );
-    assert_eq!(
-        hello_refusal(HelloError::Malformed("x"), &[22], false),
+        hello_refusal(HelloError::Malformed("x")),
         Refusal::HelloMalformed
     );
 }
