@@ -486,6 +486,59 @@ pools:
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maglev_client_ip_hashes_the_address_a_trusted_header_names() {
+    let backends = [
+        Backend::start("m0").await,
+        Backend::start("m1").await,
+        Backend::start("m2").await,
+    ];
+    let mut yaml = String::from(
+        "listeners:
+  - name: l
+    bind: 127.0.0.1:0
+    pool: m
+    accept_proxy_protocol: { from: [127.0.0.2/32], timeout: 5s }
+pools:
+  - name: m
+    balance: maglev
+    hash_key: client_ip
+    backends:
+",
+    );
+    for b in &backends {
+        yaml.push_str(&format!(
+            "      - {{ name: {}, address: \"{}\" }}\n",
+            b.name, b.addr
+        ));
+    }
+    let lb = Balancer::start(&yaml).await;
+    let addr = lb.addr("l");
+    // Clients behind one trusted balancer (127.0.0.2): each keeps its backend, whatever its
+    // source port, round after round; together they spread over the backends.
+    let sources: Vec<String> = (1..=12).map(|i| format!("203.0.113.{i}")).collect();
+    let mut first: Vec<Option<String>> = vec![None; sources.len()];
+    for round in 0..3u16 {
+        for (i, src) in sources.iter().enumerate() {
+            let mut s = connect_from("127.0.0.2", addr).await;
+            let port = 40_000 + round * 100 + i as u16;
+            s.write_all(format!("PROXY TCP4 {src} 198.51.100.1 {port} 80\r\n").as_bytes())
+                .await
+                .expect("write");
+            let (greeting, _) = greet(s).await;
+            match &first[i] {
+                None => first[i] = Some(greeting),
+                Some(f) => assert_eq!(f, &greeting, "{src} in round {round}"),
+            }
+        }
+    }
+    let seen: std::collections::HashSet<_> = first.iter().flatten().collect();
+    assert!(
+        seen.len() >= 2,
+        "the header's address is hashed, not the peer's: {first:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acl_most_specific_block_wins_before_any_connect() {
     let backend = Backend::start("ok").await;
     let yaml = format!(
