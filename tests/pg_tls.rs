@@ -2,7 +2,9 @@
 //! different names, one Switchyard listener in front. Real `psql` reaches each by name
 //! (SSLRequest, then the ClientHello), a plaintext client goes to the default pool or is
 //! refused with an ErrorResponse under `require_tls`, and a PostgreSQL 17 style direct-TLS
-//! client (rustls, ALPN `postgresql`) is routed the same way.
+//! client (rustls, ALPN `postgresql`) is routed the same way; whether the server selects the
+//! ALPN (PostgreSQL 17 and later do, as libpq's `sslnegotiation=direct` requires) is the
+//! server's answer, passed through.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -272,10 +274,21 @@ pools:
         1
     );
 
-    // PostgreSQL 17 direct TLS: a ClientHello at once, ALPN "postgresql".
+    // PostgreSQL 17 direct TLS: a ClientHello at once, ALPN "postgresql". The balancer
+    // routes it and the backend is sent an SSLRequest first, but the ServerHello is the
+    // backend's own: only a 17+ server selects the ALPN libpq 17's `sslnegotiation=direct`
+    // insists on; an older one selects none (libpq then gives up, a client that does not
+    // insist carries on).
     for (host, pg) in [("pg-b.example.com", &b), ("pg-a.example.com", &a)] {
-        let port = direct_tls_show_port(&pki, lb.addr("strict"), host).await;
-        assert_eq!(port, pg.port.to_string(), "direct TLS to {host}");
+        let d = direct_tls_session(&pki, lb.addr("strict"), host).await;
+        assert_eq!(d.port, pg.port.to_string(), "direct TLS to {host}");
+        let wanted: Option<&[u8]> = (d.version_num >= 170_000).then_some(b"postgresql");
+        assert_eq!(
+            d.alpn.as_deref(),
+            wanted,
+            "ALPN selected by server version {}",
+            d.version_num
+        );
     }
     drop(lb);
     drop(a);
@@ -290,9 +303,19 @@ fn nix_is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// What a direct-TLS session learned.
+struct DirectTls {
+    /// The port the server reports.
+    port: String,
+    /// `server_version_num`, e.g. 150008.
+    version_num: u32,
+    /// The ALPN protocol the server selected.
+    alpn: Option<Vec<u8>>,
+}
+
 /// Direct TLS with a verifying rustls client, then the Postgres protocol over it:
-/// StartupMessage, `SHOW port`, Terminate. Returns the port the server reports.
-async fn direct_tls_show_port(pki: &Pki, lb: SocketAddr, host: &str) -> String {
+/// StartupMessage, `SHOW port; SHOW server_version_num`, Terminate.
+async fn direct_tls_session(pki: &Pki, lb: SocketAddr, host: &str) -> DirectTls {
     let tcp = TcpStream::connect(lb).await.expect("connect");
     let mut tls = within(
         "handshake",
@@ -300,6 +323,7 @@ async fn direct_tls_show_port(pki: &Pki, lb: SocketAddr, host: &str) -> String {
     )
     .await
     .expect("direct TLS handshake");
+    let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
     let mut startup = Vec::new();
     startup.extend_from_slice(&196_608u32.to_be_bytes()); // protocol 3.0
     startup.extend_from_slice(b"user\0postgres\0database\0postgres\0\0");
@@ -307,14 +331,19 @@ async fn direct_tls_show_port(pki: &Pki, lb: SocketAddr, host: &str) -> String {
     msg.extend_from_slice(&startup);
     tls.write_all(&msg).await.expect("startup");
     read_until_ready(&mut tls).await;
-    let sql = b"SHOW port\0";
+    let sql = b"SHOW port; SHOW server_version_num\0";
     let mut q = vec![b'Q'];
     q.extend_from_slice(&((sql.len() + 4) as u32).to_be_bytes());
     q.extend_from_slice(sql);
     tls.write_all(&q).await.expect("query");
     let rows = read_until_ready(&mut tls).await;
     tls.write_all(&[b'X', 0, 0, 0, 4]).await.expect("terminate");
-    rows.into_iter().next().expect("one row")
+    let [port, version] = <[String; 2]>::try_from(rows).expect("two rows");
+    DirectTls {
+        port,
+        version_num: version.parse().expect("server_version_num"),
+        alpn,
+    }
 }
 
 /// Reads backend messages up to ReadyForQuery; returns the first column of each DataRow.
