@@ -179,17 +179,20 @@ async fn no_sni_goes_to_the_default_pool() {
     // Without SNI the client still verifies the certificate for the name it expects.
     assert_eq!(round_trip(&s, "api.example.com", false).await, "api");
     assert_eq!(round_trip(&s, "db.example.com", true).await, "db");
-    // An unknown name also falls back to the default pool.
+    // An unknown name also falls back to the default pool: the client asks for other.test
+    // and gets api's certificate and greeting.
     let tcp = TcpStream::connect(s.lb.addr("tls")).await.expect("connect");
-    let mut tcp = tcp;
-    tcp.write_all(&build_client_hello(Some("other.test"), &[], 0))
-        .await
-        .expect("write");
-    let mut reader = BufReader::new(tcp);
-    let mut first = [0u8; 1];
-    within("api answers", reader.read_exact(&mut first))
-        .await
-        .expect("the default backend answered");
+    let tls = within(
+        "handshake",
+        tls_connect(
+            &s.pki.client_expecting("api.example.com"),
+            "other.test",
+            tcp,
+        ),
+    )
+    .await
+    .expect("TLS handshake with api's certificate");
+    assert_eq!(echo_check(tls).await, "api");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -214,18 +217,30 @@ async fn without_default_pool_unrouted_connections_are_closed() {
     );
 }
 
+/// Whether the balancer still holds `s` open: no byte and no EOF to read yet (a peek on
+/// the non-blocking socket itself, not the runtime's idea of its readiness).
+fn still_open(s: &TcpStream) -> bool {
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    let peeked = socket2::SockRef::from(s).peek(&mut byte);
+    matches!(peeked, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_and_slow_clients_time_out_while_others_are_served() {
-    let s = setup("      client_hello_timeout: 1s\n", None).await;
+    let s = setup("      client_hello_timeout: 5s\n", None).await;
     let mut silent = TcpStream::connect(s.lb.addr("tls")).await.expect("connect");
     let mut slow = TcpStream::connect(s.lb.addr("tls")).await.expect("connect");
     let hello = build_client_hello(Some("db.example.com"), &[], 0);
     slow.write_all(&hello[..20]).await.expect("write");
-    // Served meanwhile, several times over.
+    // Served meanwhile, several times over...
     for _ in 0..3 {
         assert_eq!(round_trip(&s, "db.example.com", true).await, "db");
     }
-    // Both stalled clients are closed (EOF) after the timeout, within the test's limit.
+    // ...while both stalled clients are still held, waiting for their hellos.
+    assert!(still_open(&silent), "the silent client was closed too soon");
+    assert!(still_open(&slow), "the slow client was closed too soon");
+    assert_eq!(s.lb.counter(REJECTED, &[]), 0);
+    // Then both are closed (EOF) at the timeout.
     assert!(read_to_end(&mut silent).await.is_empty());
     assert!(read_to_end(&mut slow).await.is_empty());
     assert_eq!(s.lb.counter(REJECTED, &[("reason", "hello_timeout")]), 2);
@@ -236,6 +251,27 @@ async fn silent_and_slow_clients_time_out_while_others_are_served() {
         ),
         2
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_closing_mid_hello_is_counted_and_others_are_served() {
+    let s = setup("", None).await;
+    let hello = build_client_hello(Some("db.example.com"), &[], 0);
+    let mut tcp = TcpStream::connect(s.lb.addr("tls")).await.expect("connect");
+    tcp.write_all(&hello[..40]).await.expect("write");
+    tcp.shutdown().await.expect("half-close");
+    assert!(read_to_end(&mut tcp).await.is_empty());
+    assert_eq!(s.lb.counter(REJECTED, &[("reason", "closed_early")]), 1);
+    assert_eq!(
+        s.lb.counter(REJECTED, &[]),
+        1,
+        "counted once, as closed_early"
+    );
+    assert_eq!(
+        s.lb.counter("switchyard_backend_connect_attempts_total", &[]),
+        0
+    );
+    assert_eq!(round_trip(&s, "db.example.com", true).await, "db");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

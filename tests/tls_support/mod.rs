@@ -12,8 +12,10 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -84,18 +86,85 @@ impl Pki {
         path
     }
 
-    /// A client that verifies the chain against this CA only.
-    pub fn client(&self, alpn: &[&[u8]], send_sni: bool) -> TlsConnector {
+    fn roots(&self) -> RootCertStore {
         let mut roots = RootCertStore::empty();
         roots.add(self.ca_cert.der().clone()).expect("CA root");
+        roots
+    }
+
+    /// A client that verifies the chain against this CA only.
+    pub fn client(&self, alpn: &[&[u8]], send_sni: bool) -> TlsConnector {
         let mut config = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .expect("versions")
-            .with_root_certificates(roots)
+            .with_root_certificates(self.roots())
             .with_no_client_auth();
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         config.enable_sni = send_sni;
         TlsConnector::from(Arc::new(config))
+    }
+
+    /// A client that sends the name it connects with as SNI but accepts only a chain from
+    /// this CA for `cert_name`: it reaches, and proves it reached, the server for
+    /// `cert_name` when it asks for another name.
+    pub fn client_expecting(&self, cert_name: &str) -> TlsConnector {
+        let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(self.roots()), provider())
+            .build()
+            .expect("verifier");
+        let verifier = ExpectName {
+            inner,
+            name: ServerName::try_from(cert_name.to_string()).expect("server name"),
+        };
+        let config = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_no_client_auth();
+        TlsConnector::from(Arc::new(config))
+    }
+}
+
+/// Verifies the server's chain for a fixed name instead of the one the client asked for.
+#[derive(Debug)]
+struct ExpectName {
+    inner: Arc<WebPkiServerVerifier>,
+    name: ServerName<'static>,
+}
+
+impl ServerCertVerifier for ExpectName {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _asked_for: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.inner
+            .verify_server_cert(end_entity, intermediates, &self.name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
     }
 }
 
