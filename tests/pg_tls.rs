@@ -173,11 +173,17 @@ async fn psql(bin: &Path, conninfo: &str, sql: &str) -> (bool, String, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_tls_by_sni_with_real_servers_and_psql() {
     let (Some(bin), Some(ids)) = (pg_bin(), postgres_ids()) else {
-        eprintln!("\n\n*** SKIPPED: Postgres binaries or the postgres user are missing ***\n");
+        missing_tool(
+            "postgres_tls_by_sni_with_real_servers_and_psql",
+            "Postgres server binaries or the postgres user are missing",
+        );
         return;
     };
     if !nix_is_root() {
-        eprintln!("\n\n*** SKIPPED: must run as root to start Postgres as the postgres user ***\n");
+        missing_tool(
+            "postgres_tls_by_sni_with_real_servers_and_psql",
+            "must run as root to start Postgres as the postgres user",
+        );
         return;
     }
     let pki = Pki::new();

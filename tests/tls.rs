@@ -368,7 +368,10 @@ async fn openssl_s_client_through_the_balancer() {
         .output()
         .is_err()
     {
-        eprintln!("\n\n*** SKIPPED: openssl is not installed ***\n");
+        missing_tool(
+            "openssl_s_client_through_the_balancer",
+            "openssl is not installed",
+        );
         return;
     }
     let s = setup("", None).await;

@@ -744,9 +744,9 @@ async fn start_dnsmasq() -> Dnsmasq {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_dns_server_answers_dig_through_the_balancer() {
     if !have("dnsmasq") || !have("dig") {
-        eprintln!(
-            "SKIPPED real_dns_server_answers_dig_through_the_balancer: dnsmasq and dig are \
-             needed (apt-get install dnsmasq-base bind9-dnsutils; .ci/run installs them)"
+        missing_tool(
+            "real_dns_server_answers_dig_through_the_balancer",
+            "dnsmasq and dig are needed (apt-get install dnsmasq-base bind9-dnsutils)",
         );
         return;
     }

@@ -20,13 +20,19 @@ impl Nginx {
     /// every port in `ports`. `{dir}` in `blocks` is replaced by its temp dir.
     pub fn start(blocks: &str, ports: &[u16]) -> Option<Nginx> {
         if !Path::new(NGINX).exists() {
-            eprintln!("\n\n*** SKIPPED: nginx is not installed ({NGINX}); install it to test PROXY headers against a real consumer ***\n");
+            crate::common::missing_tool(
+                "nginx as a PROXY protocol consumer",
+                &format!("nginx is not installed ({NGINX})"),
+            );
             return None;
         }
         let stream = blocks.contains("stream {");
         let load = if stream {
             if !Path::new(STREAM_MODULE).exists() {
-                eprintln!("\n\n*** SKIPPED: the nginx stream module is not installed ({STREAM_MODULE}); install libnginx-mod-stream ***\n");
+                crate::common::missing_tool(
+                    "nginx stream as a PROXY protocol consumer",
+                    &format!("the nginx stream module is not installed ({STREAM_MODULE}); install libnginx-mod-stream"),
+                );
                 return None;
             }
             format!("load_module {STREAM_MODULE};\n")
