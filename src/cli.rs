@@ -188,7 +188,7 @@ pub fn summary(config: &Config) -> String {
     for unused in config::unused_pools(config) {
         let _ = writeln!(out, "note: pool \"{unused}\" is not used by any listener");
     }
-    for note in config::proxy_protocol_notes(config) {
+    for note in config::notes(config) {
         let _ = writeln!(out, "note: {note}");
     }
     out

@@ -220,7 +220,7 @@ impl Control {
             return Err(ReloadError::ShuttingDown);
         }
         let config = Config::from_file(path)?;
-        for note in crate::config::proxy_protocol_notes(&config) {
+        for note in crate::config::notes(&config) {
             warn!("{note}");
         }
         let current = self.shared.snapshot();

@@ -40,7 +40,7 @@ fn main() -> ExitCode {
         print!("{}", cli::summary(&config));
         return ExitCode::SUCCESS;
     }
-    for note in config::proxy_protocol_notes(&config) {
+    for note in config::notes(&config) {
         warn!("{note}");
     }
 

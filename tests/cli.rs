@@ -101,6 +101,25 @@ fn check_notes_checks_without_the_header_their_listener_sends() {
 }
 
 #[test]
+fn check_notes_a_hash_key_that_only_maglev_uses() {
+    let f = write_config(
+        "listeners:\n  - {name: a, bind: 127.0.0.1:7000, pool: p}\npools:\n  - name: p\n    balance: round_robin\n    hash_key: client_ip\n    backends: [{address: 127.0.0.1:1}]\n",
+    );
+    let out = switchyard()
+        .arg("check")
+        .arg("-c")
+        .arg(f.path())
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("note: pools[0].hash_key: hash_key: client_ip has no effect with balance: round_robin and is ignored"),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn check_reports_a_missing_file() {
     let out = switchyard()
         .args(["check", "-c", "/nonexistent.yaml"])
@@ -129,6 +148,16 @@ fn terminate(child: &std::process::Child) {
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("kill");
 }
 
+/// Waits for a child to exit; returns its status and what it wrote to (piped) stderr.
+fn wait_with_log(mut child: std::process::Child) -> (std::process::ExitStatus, String) {
+    let status = child.wait().expect("wait");
+    let mut log = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut log);
+    }
+    (status, log)
+}
+
 fn free_port() -> std::net::SocketAddr {
     refused_addr()
 }
@@ -147,7 +176,7 @@ async fn forward_mode_balances_over_the_given_backends_and_exits_0_on_sigterm() 
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
     let listen = free_port();
-    let mut child = switchyard()
+    let child = switchyard()
         .args(["forward", "--listen", &listen.to_string(), "--to"])
         .arg(format!("{},{}", a.addr, b.addr))
         .args(["--log-format", "json", "--log-level", "info"])
@@ -169,14 +198,7 @@ async fn forward_mode_balances_over_the_given_backends_and_exits_0_on_sigterm() 
     terminate(&child);
     let status = within(
         "exit",
-        tokio::task::spawn_blocking(move || {
-            let status = child.wait().expect("wait");
-            let mut log = String::new();
-            if let Some(mut e) = child.stderr.take() {
-                let _ = std::io::Read::read_to_string(&mut e, &mut log);
-            }
-            (status, log)
-        }),
+        tokio::task::spawn_blocking(move || wait_with_log(child)),
     )
     .await
     .expect("join");
@@ -208,14 +230,14 @@ async fn run_subcommand_serves_a_config_file() {
     let a = Backend::start("a").await;
     let listen = free_port();
     let f = write_config(&format!(
-        "listeners:\n  - name: app\n    bind: {listen}\n    pool: p\npools:\n  - name: p\n    backends:\n      - address: {}\n",
+        "listeners:\n  - name: app\n    bind: {listen}\n    pool: p\npools:\n  - name: p\n    hash_key: client_ip\n    backends:\n      - address: {}\n",
         a.addr
     ));
     for args in [vec!["run", "-c"], vec!["-c"]] {
         let child = switchyard()
             .args(&args)
             .arg(f.path())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn");
         let guard = KillOnPanic(child.id());
@@ -224,14 +246,15 @@ async fn run_subcommand_serves_a_config_file() {
         assert_eq!(name, "a");
         s.shutdown().await.expect("close");
         terminate(&child);
-        let status = tokio::task::spawn_blocking(move || {
-            let mut child = child;
-            child.wait()
-        })
-        .await
-        .expect("join")
-        .expect("wait");
+        let (status, log) = tokio::task::spawn_blocking(move || wait_with_log(child))
+            .await
+            .expect("join");
         std::mem::forget(guard);
-        assert!(status.success());
+        assert!(status.success(), "{log}");
+        // The pool's hash_key is ignored by round robin, and startup says so.
+        assert!(
+            log.contains("WARN") && log.contains("pools[0].hash_key: hash_key: client_ip has no effect with balance: round_robin"),
+            "{log}"
+        );
     }
 }

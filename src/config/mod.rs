@@ -51,6 +51,17 @@ pub enum HashKey {
     Sni,
 }
 
+impl HashKey {
+    /// The config spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            HashKey::ClientIp => "client_ip",
+            HashKey::ClientIpPort => "client_ip_port",
+            HashKey::Sni => "sni",
+        }
+    }
+}
+
 /// A validated configuration: every reference resolves and every value is in range.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -101,7 +112,11 @@ pub struct ListenerConfig {
 pub struct PoolConfig {
     pub name: String,
     pub balance: Algorithm,
+    /// What a Maglev pool hashes; `client_ip` for the other algorithms, which hash nothing.
     pub hash_key: HashKey,
+    /// A `hash_key` written on a pool whose algorithm does not hash: accepted, unused, and
+    /// reported by [`notes`].
+    pub ignored_hash_key: Option<HashKey>,
     pub maglev_table_size: usize,
     pub connect_timeout: Duration,
     pub retries: u32,
@@ -380,15 +395,10 @@ fn validate_pool(
     ctx: &Ctx<'_>,
 ) -> Result<PoolConfig, ConfigError> {
     let balance = s.balance.unwrap_or(Algorithm::RoundRobin);
-    if s.hash_key.is_some() && balance != Algorithm::Maglev {
-        return Err(ctx.error(
-            &format!("{path}.hash_key"),
-            format!(
-                "hash_key applies only to balance: maglev (this pool uses {})",
-                balance.name()
-            ),
-        ));
-    }
+    let (hash_key, ignored_hash_key) = match (balance, s.hash_key) {
+        (Algorithm::Maglev, key) => (key.unwrap_or(HashKey::ClientIp), None),
+        (_, key) => (HashKey::ClientIp, key),
+    };
     if s.backends.is_empty() {
         return Err(ctx.error(
             &format!("{path}.backends"),
@@ -441,7 +451,8 @@ fn validate_pool(
         fallback_pool: s.fallback_pool,
         name: s.name,
         balance,
-        hash_key: s.hash_key.unwrap_or(HashKey::ClientIp),
+        hash_key,
+        ignored_hash_key,
         maglev_table_size,
         connect_timeout: dur(
             s.connect_timeout,
@@ -569,6 +580,26 @@ pub fn forward_config(
         yaml.push_str(&format!("      - address: \"{}\"\n", addr.trim()));
     }
     Config::from_yaml(&yaml, "<command line>")
+}
+
+/// What is worth telling about a valid config: `check` prints these as notes, startup and
+/// reload log them as warnings.
+pub fn notes(config: &Config) -> Vec<String> {
+    let mut notes: Vec<String> = config
+        .pools
+        .iter()
+        .enumerate()
+        .filter_map(|(i, pool)| {
+            let key = pool.ignored_hash_key?;
+            Some(format!(
+                "pools[{i}].hash_key: hash_key: {} has no effect with balance: {} and is ignored; only maglev pools hash",
+                key.name(),
+                pool.balance.name()
+            ))
+        })
+        .collect();
+    notes.extend(proxy_protocol_notes(config));
+    notes
 }
 
 /// Names of pools no listener uses (reported by `check`, not an error).

@@ -145,16 +145,28 @@ fn two_listeners_on_one_address() {
 }
 
 #[test]
-fn hash_key_only_for_maglev() {
+fn hash_key_outside_maglev_is_ignored_with_a_note() {
     let text = GOOD.replace(
         "balance: round_robin",
-        "balance: round_robin\n    hash_key: client_ip",
+        "balance: round_robin\n    hash_key: client_ip_port",
     );
-    let e = err(&text);
-    assert!(
-        e.contains("pools[0].hash_key: hash_key applies only to balance: maglev"),
-        "{e}"
+    let c = Config::from_yaml(&text, "config.yaml").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.pools[0].hash_key, HashKey::ClientIp);
+    assert_eq!(c.pools[0].ignored_hash_key, Some(HashKey::ClientIpPort));
+    assert_eq!(
+        notes(&c),
+        ["pools[0].hash_key: hash_key: client_ip_port has no effect with balance: round_robin and is ignored; only maglev pools hash"]
     );
+    // On a maglev pool it is used, and nothing is noted.
+    let text = GOOD.replace(
+        "balance: round_robin",
+        "balance: maglev\n    hash_key: client_ip_port",
+    );
+    let c = Config::from_yaml(&text, "config.yaml").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.pools[0].hash_key, HashKey::ClientIpPort);
+    assert_eq!(c.pools[0].ignored_hash_key, None);
+    assert!(notes(&c).is_empty());
+    assert!(notes(&Config::from_yaml(GOOD, "config.yaml").expect("valid")).is_empty());
 }
 
 #[test]

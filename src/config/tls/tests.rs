@@ -226,6 +226,11 @@ fn sni_hash_key_needs_a_tls_listener() {
         err(&text),
         "config.yaml:29:15: pools[1].hash_key: hash_key: sni needs a server name, but listener \"plain\" forwards to this pool without tls_passthrough; expected client_ip or client_ip_port"
     );
-    let text = GOOD.replace("    balance: maglev\n", "");
-    assert!(err(&text).contains("pools[1].hash_key: hash_key applies only to balance: maglev"));
+    // Outside maglev, hash_key: sni is ignored (and noted), so nothing needs a server name.
+    let text = GOOD
+        .replace("    pool: pg\npools:", "    pool: web\npools:")
+        .replace("    balance: maglev\n", "");
+    let c = Config::from_yaml(&text, "config.yaml").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.pools[1].hash_key, HashKey::ClientIp);
+    assert_eq!(c.pools[1].ignored_hash_key, Some(HashKey::Sni));
 }
