@@ -264,12 +264,15 @@ async fn pump(src: &TcpStream, dst: &TcpStream, progress: &Progress<'_>) -> Resu
     copy::pump(src, dst, progress).await
 }
 
+/// Says once per process, at debug level, that splice(2) gave way to the buffered copy:
+/// refused for a socket pair (for the rest of that connection), or no pipe could be made
+/// (for the transfer under way).
 #[cfg(target_os = "linux")]
 fn note_fallback(error: &io::Error) {
     use std::sync::Once;
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        tracing::debug!(%error, "splice(2) refused for a socket pair; using buffered copy where it is");
+        tracing::debug!(%error, "splice(2) not usable; using buffered copy where it is not");
     });
 }
 

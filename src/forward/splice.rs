@@ -9,7 +9,8 @@
 //! buffer and sent on. A short `recv` proves the socket drained, which saves the extra
 //! `EAGAIN` probe a splice read needs, and a message costs two syscalls instead of three. A
 //! read that fills the buffer means a transfer is under way: the direction switches to splice
-//! until a splice read comes back small again.
+//! until a splice read comes back small again. When no pipe can be made (the open-file limit
+//! reached, say), that transfer goes on through the buffer, and the next one tries splice again.
 
 use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
@@ -160,6 +161,9 @@ pub(super) async fn pump(
     let mut pipe: Option<Pipe> = None;
     let mut splicing = false;
     let mut spliced_any = false;
+    // No pipe could be made (EMFILE, ENFILE...): the transfer under way goes on buffered; the
+    // next one tries splice again.
+    let mut pipeless = false;
     loop {
         src.readable().await.map_err(PumpError::Read)?;
         if !splicing {
@@ -172,6 +176,7 @@ pub(super) async fn pump(
                 }
                 Received::Nothing => {
                     give_buffer(buffer);
+                    pipeless = false;
                     continue;
                 }
                 Received::Data { n, full } => (n, full),
@@ -180,14 +185,25 @@ pub(super) async fn pump(
             progress.add(written);
             write_rest(dst, &buffer[..n], written, progress).await?;
             give_buffer(buffer);
-            // A full buffer means a transfer is under way: splice it.
-            splicing = full;
+            // A full buffer means a transfer is under way: splice it (pipes permitting). A
+            // short read means the socket drained: that transfer is over.
+            splicing = full && !pipeless;
+            pipeless &= full;
             continue;
         }
         // Socket → pipe. The pipe is empty here, so EAGAIN means the socket has no data.
         let p = match pipe.as_ref() {
             Some(p) => p,
-            None => pipe.insert(Pipe::take().map_err(PumpError::Read)?),
+            None => match Pipe::take() {
+                Ok(taken) => pipe.insert(taken),
+                Err(e) => {
+                    // Nothing was read yet: the buffered path takes this transfer over.
+                    super::note_fallback(&e);
+                    splicing = false;
+                    pipeless = true;
+                    continue;
+                }
+            },
         };
         let filled = match src.try_io(Interest::READABLE, || {
             splice(src, None, &p.write, None, p.capacity, flags).map_err(io::Error::from)
@@ -250,6 +266,8 @@ pub(super) async fn pump(
 
 #[cfg(test)]
 mod tests {
+    use std::future::Future;
+    use std::pin::Pin;
     use std::sync::atomic::AtomicU64;
     use std::time::Duration;
 
@@ -259,6 +277,9 @@ mod tests {
 
     use super::super::{Activity, Progress};
     use super::*;
+
+    /// Upper bound for any wait here, so a bug fails the test instead of hanging it.
+    const LIMIT: Duration = Duration::from_secs(30);
 
     async fn pair() -> (TcpStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -273,59 +294,202 @@ mod tests {
         POOL.lock().map(|pool| pool.len()).unwrap_or(0)
     }
 
-    /// After a transfer large enough to be spliced, a direction with nothing more to read
-    /// returns its pipe to the pool while the connection stays open, and still forwards EOF.
-    #[tokio::test]
-    async fn idle_direction_holds_no_pipe() {
-        let (mut client, src) = pair().await;
-        let (dst, mut receiver) = pair().await;
-        let counter = IntCounter::new("bytes", "bytes").expect("counter");
-        let activity = Activity {
-            started: tokio::time::Instant::now(),
-            last_ns: AtomicU64::new(0),
-        };
-        let progress = Progress {
-            moved: AtomicU64::new(0),
-            counter: &counter,
-            backend_counter: &counter,
-            activity: &activity,
-        };
-        let before = pooled();
-        let pump = pump(&src, &dst, &progress);
-        tokio::pin!(pump);
+    /// What a [`Progress`] borrows.
+    struct Meter {
+        counter: IntCounter,
+        activity: Activity,
+    }
 
-        let sent: Vec<u8> = (0..4 * SMALL_READ).map(|i| (i % 251) as u8).collect();
-        let mut got = vec![0u8; sent.len()];
+    impl Meter {
+        fn new() -> Meter {
+            Meter {
+                counter: IntCounter::new("bytes", "bytes").expect("counter"),
+                activity: Activity {
+                    started: tokio::time::Instant::now(),
+                    last_ns: AtomicU64::new(0),
+                },
+            }
+        }
+
+        fn progress(&self) -> Progress<'_> {
+            Progress {
+                moved: AtomicU64::new(0),
+                counter: &self.counter,
+                backend_counter: &self.counter,
+                activity: &self.activity,
+            }
+        }
+    }
+
+    type Pump<'a> = Pin<&'a mut dyn Future<Output = Result<(), PumpError>>>;
+
+    /// Writes `len` patterned bytes into `client` and checks that `receiver` gets exactly
+    /// them, while `pump` (which must keep running) moves them.
+    async fn send_through(
+        pump: &mut Pump<'_>,
+        client: &mut TcpStream,
+        receiver: &mut TcpStream,
+        len: usize,
+    ) {
+        let sent: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let mut got = vec![0u8; len];
         let transfer = async {
             client.write_all(&sent).await?;
             receiver.read_exact(&mut got).await
         };
         tokio::select! {
-            done = &mut pump => panic!("pump ended early: {done:?}"),
-            moved = transfer => { moved.expect("transfer"); }
+            done = pump.as_mut() => panic!("pump ended early: {done:?}"),
+            moved = tokio::time::timeout(LIMIT, transfer) => {
+                moved.expect("transfer within the limit").expect("transfer");
+            }
         }
         assert!(got == sent, "bytes differ");
+    }
 
+    /// Keeps `pump` running until the pipe pool holds more than `than` pipes.
+    async fn wait_pooled_above(pump: &mut Pump<'_>, than: usize) {
         let mut waited = Duration::ZERO;
-        while pooled() <= before {
-            assert!(
-                waited < Duration::from_secs(10),
-                "pipe not returned while idle"
-            );
+        while pooled() <= than {
+            assert!(waited < LIMIT, "no pipe returned to the pool while idle");
             tokio::select! {
-                done = &mut pump => panic!("pump ended early: {done:?}"),
+                done = pump.as_mut() => panic!("pump ended early: {done:?}"),
                 () = tokio::time::sleep(Duration::from_millis(10)) => waited += Duration::from_millis(10),
             }
         }
+    }
 
+    /// Drops the client and checks that the pump forwards its EOF and ends cleanly.
+    async fn finish(mut pump: Pump<'_>, client: TcpStream, receiver: &mut TcpStream) {
         drop(client);
-        let done = tokio::time::timeout(Duration::from_secs(10), &mut pump)
+        let done = tokio::time::timeout(LIMIT, pump.as_mut())
             .await
             .expect("pump ends after EOF");
         assert!(done.is_ok(), "{done:?}");
         let mut rest = Vec::new();
         receiver.read_to_end(&mut rest).await.expect("read to EOF");
         assert!(rest.is_empty());
-        assert_eq!(progress.moved(), sent.len() as u64);
+    }
+
+    /// After a transfer large enough to be spliced, a direction with nothing more to read
+    /// returns its pipe to the pool while the connection stays open, and still forwards EOF.
+    #[tokio::test]
+    async fn idle_direction_holds_no_pipe() {
+        let (mut client, src) = pair().await;
+        let (dst, mut receiver) = pair().await;
+        let meter = Meter::new();
+        let progress = meter.progress();
+        let before = pooled();
+        let pump = pump(&src, &dst, &progress);
+        tokio::pin!(pump);
+        let mut pump: Pump<'_> = pump;
+
+        send_through(&mut pump, &mut client, &mut receiver, 4 * SMALL_READ).await;
+        wait_pooled_above(&mut pump, before).await;
+        finish(pump, client, &mut receiver).await;
+        assert_eq!(progress.moved(), 4 * SMALL_READ as u64);
+    }
+
+    /// Runs only in the child process of [`no_pipe_falls_back_to_buffered_copy`].
+    const NO_PIPE_CHILD: &str = "SWITCHYARD_TEST_NO_PIPE_CHILD";
+
+    /// When no pipe can be made (here the real EMFILE of a full file table), the connection
+    /// does not die: the transfer goes on buffered with every byte intact, and once pipes
+    /// can be made again a later large transfer is spliced. The open-file limit is lowered
+    /// in a child process (this test binary, run again for this test alone), so no other
+    /// test sees it.
+    #[test]
+    fn no_pipe_falls_back_to_buffered_copy() {
+        if std::env::var_os(NO_PIPE_CHILD).is_some() {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(no_pipe_child());
+            return;
+        }
+        let path = module_path!().split_once("::").map_or("", |(_, p)| p);
+        let name = format!("{path}::no_pipe_falls_back_to_buffered_copy");
+        let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args([
+                name.as_str(),
+                "--exact",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
+            .env(NO_PIPE_CHILD, "1")
+            .output()
+            .expect("run the child");
+        let output = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{output}");
+        assert!(
+            output.contains("1 passed"),
+            "the child ran no test: {output}"
+        );
+        assert!(output.contains("no pipe while the limit held"), "{output}");
+    }
+
+    async fn no_pipe_child() {
+        let (mut client, src) = pair().await;
+        let (dst, mut receiver) = pair().await;
+        let meter = Meter::new();
+        let progress = meter.progress();
+        let pump = pump(&src, &dst, &progress);
+        tokio::pin!(pump);
+        let mut pump: Pump<'_> = pump;
+
+        let full = FullFileTable::new();
+        let refused = nix::unistd::pipe2(OFlag::O_CLOEXEC).map(drop);
+        assert_eq!(refused, Err(Errno::EMFILE), "pipes cannot be made");
+        send_through(&mut pump, &mut client, &mut receiver, 64 * SMALL_READ).await;
+        assert_eq!(pooled(), 0, "a pipe was made under the limit");
+        println!("no pipe while the limit held");
+        drop(full);
+
+        send_through(&mut pump, &mut client, &mut receiver, 64 * SMALL_READ).await;
+        // The pipe that spliced the second transfer goes back to the pool once idle.
+        wait_pooled_above(&mut pump, 0).await;
+        finish(pump, client, &mut receiver).await;
+        assert_eq!(progress.moved(), 2 * 64 * SMALL_READ as u64);
+    }
+
+    /// The open-file limit lowered to the highest open descriptor, and every free number
+    /// below it taken, so no new descriptor can be made; restored on drop.
+    struct FullFileTable {
+        soft: u64,
+        hard: u64,
+        _fillers: Vec<std::fs::File>,
+    }
+
+    impl FullFileTable {
+        fn new() -> FullFileTable {
+            use nix::sys::resource::{getrlimit, setrlimit, Resource};
+            let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+            let highest = std::fs::read_dir("/proc/self/fd")
+                .expect("list open fds")
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
+                .max()
+                .expect("some fd is open");
+            setrlimit(Resource::RLIMIT_NOFILE, highest + 1, hard).expect("lower the limit");
+            let fillers: Vec<std::fs::File> = (0..=highest)
+                .map_while(|_| std::fs::File::open("/dev/null").ok())
+                .collect();
+            FullFileTable {
+                soft,
+                hard,
+                _fillers: fillers,
+            }
+        }
+    }
+
+    impl Drop for FullFileTable {
+        fn drop(&mut self) {
+            use nix::sys::resource::{setrlimit, Resource};
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, self.soft, self.hard);
+        }
     }
 }
