@@ -86,7 +86,7 @@ impl Balancer {
             Algorithm::RoundRobin => Balancer::RoundRobin(RoundRobin::build(backends)),
             Algorithm::LeastConn => Balancer::LeastConn(LeastConn::new()),
             Algorithm::Maglev => Balancer::Maglev(Maglev::build(backends, maglev_table_size)),
-            Algorithm::RandomTwo => Balancer::RandomTwo(RandomTwo::new()),
+            Algorithm::RandomTwo => Balancer::RandomTwo(RandomTwo::build(backends)),
         }
     }
 
