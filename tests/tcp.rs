@@ -1,5 +1,6 @@
 //! The TCP data path end to end, on real loopback sockets: bytes, half-close, balancing,
-//! retries, the passive breaker, admission, idle timeout and graceful shutdown.
+//! retries (after refusals and connect timeouts), the passive breaker opening and closing,
+//! admission, idle timeout and graceful shutdown.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -258,6 +259,79 @@ async fn refused_connect_is_retried_on_another_backend_invisibly() {
     assert!(lb.counter("switchyard_pool_connect_retries_total", &[("pool", "p")]) >= 5);
 }
 
+/// A backend that never answers a SYN: its accept queue is full (nothing accepts) and Linux
+/// drops further SYNs. Returns the listening socket and the connections that filled it.
+async fn stalled_backend() -> (socket2::Socket, Vec<TcpStream>) {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    let any: std::net::SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    socket.bind(&any.into()).expect("bind");
+    socket.listen(0).expect("listen");
+    let addr = socket
+        .local_addr()
+        .expect("addr")
+        .as_socket()
+        .expect("inet");
+    let mut queued = Vec::new();
+    let mut unanswered = 0;
+    // Two unanswered attempts in a row: the queue is full, not merely slow to answer.
+    while unanswered < 2 {
+        assert!(queued.len() < 16, "the accept queue never filled");
+        match tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => {
+                queued.push(stream);
+                unanswered = 0;
+            }
+            Ok(Err(e)) => panic!("connect to the stalled backend: {e}"),
+            Err(_) => unanswered += 1,
+        }
+    }
+    (socket, queued)
+}
+
+#[tokio::test]
+async fn connect_timeout_is_retried_on_another_backend() {
+    let (stalled, _queued) = stalled_backend().await;
+    let stalled_name = stalled
+        .local_addr()
+        .expect("addr")
+        .as_socket()
+        .expect("inet")
+        .to_string();
+    let live = Backend::start("live").await;
+    let lb = Balancer::start(&one_pool(
+        "    balance: round_robin\n    connect_timeout: 300ms\n    retries: 1\n    max_fails: 0\n",
+        "",
+        &[(stalled_name.parse().expect("addr"), 1), (live.addr, 1)],
+    ))
+    .await;
+    for _ in 0..4 {
+        let (name, mut stream) =
+            greet(TcpStream::connect(lb.addr("l")).await.expect("connect")).await;
+        assert_eq!(name, "live");
+        stream.write_all(b"ping").await.expect("write");
+        let mut buf = [0u8; 4];
+        within("echo", stream.read_exact(&mut buf))
+            .await
+            .expect("echo");
+        assert_eq!(&buf, b"ping");
+    }
+    // Round robin tries the stalled backend first for every other connection.
+    assert!(
+        lb.counter(
+            "switchyard_backend_connect_failures_total",
+            &[("backend", &stalled_name)]
+        ) >= 2
+    );
+    assert_eq!(
+        lb.counter(
+            "switchyard_backend_connect_failures_total",
+            &[("backend", &live.addr.to_string())]
+        ),
+        0
+    );
+}
+
 #[tokio::test]
 async fn backend_failing_max_fails_times_is_skipped_for_fail_duration() {
     let live = Backend::start("live").await;
@@ -303,6 +377,75 @@ async fn backend_failing_max_fails_times_is_skipped_for_fail_duration() {
 }
 
 #[tokio::test]
+async fn breaker_closes_after_fail_duration_and_the_backend_is_used_again() {
+    let live = Backend::start("live").await;
+    let dead = refused_addr();
+    let dead_name = dead.to_string();
+    let lb = Balancer::start(&one_pool(
+        "    balance: round_robin\n    retries: 1\n    max_fails: 2\n    fail_duration: 1s\n",
+        "",
+        &[(dead, 1), (live.addr, 1)],
+    ))
+    .await;
+    let addr = lb.addr("l");
+    let opened = || {
+        lb.counter(
+            "switchyard_backend_passive_down_total",
+            &[("backend", &dead_name)],
+        )
+    };
+    within("breaker opens", async {
+        while opened() == 0 {
+            assert_eq!(backend_of(addr).await, "live");
+        }
+    })
+    .await;
+    // The backend comes back on its address; once fail_duration has passed, connections
+    // reach it again.
+    let revived = Backend::start_on(dead, "revived").await;
+    within("revived backend gets connections", async {
+        while backend_of(addr).await != revived.name {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let state = lb.shared.backend_state("p", &dead_name).expect("state");
+    assert!(
+        state
+            .passive_down_until(switchyard::clock::now_ms())
+            .is_none(),
+        "breaker closed"
+    );
+}
+
+#[tokio::test]
+async fn random_two_spreads_held_connections_by_weight() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let c = Backend::start("c").await;
+    let lb = Balancer::start(&one_pool(
+        "    balance: random_two\n",
+        "",
+        &[(a.addr, 1), (b.addr, 1), (c.addr, 2)],
+    ))
+    .await;
+    let addr = lb.addr("l");
+    let mut held = Vec::new();
+    let mut count: HashMap<String, usize> = HashMap::new();
+    for _ in 0..40 {
+        let (name, stream) = greet(TcpStream::connect(addr).await.expect("connect")).await;
+        *count.entry(name).or_default() += 1;
+        held.push(stream);
+    }
+    // The less loaded of two candidates wins, load being connections per unit of weight:
+    // about 10, 10 and 20.
+    let n = |name: &str| count.get(name).copied().unwrap_or(0);
+    assert!((6..=14).contains(&n("a")), "{count:?}");
+    assert!((6..=14).contains(&n("b")), "{count:?}");
+    assert!((14..=26).contains(&n("c")), "{count:?}");
+}
+
+#[tokio::test]
 async fn max_connections_closes_extra_connections_at_once() {
     let a = Backend::start("a").await;
     let lb = Balancer::start(&one_pool("", "    max_connections: 2\n", &[(a.addr, 1)])).await;
@@ -333,14 +476,24 @@ async fn max_connections_closes_extra_connections_at_once() {
 
 #[tokio::test]
 async fn idle_connection_is_closed_after_idle_timeout() {
+    const IDLE: Duration = Duration::from_secs(2);
     let a = Backend::start("a").await;
-    let lb = Balancer::start(&one_pool("", "    idle_timeout: 300ms\n", &[(a.addr, 1)])).await;
-    let (_, mut stream) = greet(TcpStream::connect(lb.addr("l")).await.expect("connect")).await;
+    let lb = Balancer::start(&one_pool("", "    idle_timeout: 2s\n", &[(a.addr, 1)])).await;
+    let started = std::time::Instant::now();
+    let mut stream = TcpStream::connect(lb.addr("l")).await.expect("connect");
+    // Sent before the greeting is read: the round trip has no pause of the client's in it,
+    // only bytes that each restart the idle timer.
     stream.write_all(b"x").await.expect("write");
-    let rest = read_to_end(&mut stream).await;
+    let got = read_to_end(&mut stream).await;
     assert_eq!(
-        rest, b"x",
-        "echo arrives, then the idle connection is closed"
+        got, b"a\nx",
+        "greeting and echo arrive, then the idle connection is closed"
+    );
+    // The last byte moved after `started`, so the close came at least IDLE after it.
+    assert!(
+        started.elapsed() >= IDLE,
+        "closed after {:?}",
+        started.elapsed()
     );
     wait_for("idle close counted", || {
         lb.counter(
