@@ -4,12 +4,16 @@
 //!
 //!     cargo run --release --example demo            # keeps running until Ctrl-C
 //!     cargo run --release --example demo -- --once  # exits after the scripted part
+//!
+//! It exits with an error when the scripted part does not show what it promises: every
+//! backend answering, then traffic moving off the stopped one to the other two.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use switchyard::{Config, Server};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -57,18 +61,38 @@ async fn echo_backend(name: &'static str) -> anyhow::Result<(SocketAddr, JoinHan
     Ok((addr, task))
 }
 
-/// One client connection: says something, prints who answered.
-async fn client(addr: SocketAddr, n: usize) -> anyhow::Result<()> {
-    let stream = TcpStream::connect(addr)
+/// One client connection: says something, prints who answered, returns the backend's name.
+async fn client(addr: SocketAddr, n: usize) -> anyhow::Result<String> {
+    let exchange = async {
+        let stream = TcpStream::connect(addr)
+            .await
+            .context("connect to the balancer")?;
+        let (r, mut w) = stream.into_split();
+        let mut lines = BufReader::new(r).lines();
+        lines.next_line().await?;
+        w.write_all(format!("message {n}\n").as_bytes()).await?;
+        anyhow::Ok(lines.next_line().await?.unwrap_or_default())
+    };
+    let reply = tokio::time::timeout(Duration::from_secs(10), exchange)
         .await
-        .context("connect to the balancer")?;
-    let (r, mut w) = stream.into_split();
-    let mut lines = BufReader::new(r).lines();
-    lines.next_line().await?;
-    w.write_all(format!("message {n}\n").as_bytes()).await?;
-    let reply = lines.next_line().await?.unwrap_or_default();
+        .with_context(|| format!("client {n}: no reply within 10s"))??;
     println!("  client {n:>2} -> {reply}");
-    Ok(())
+    match reply.split_once(": ") {
+        Some((name, _)) => Ok(name.to_string()),
+        None => bail!("client {n}: unexpected reply {reply:?}"),
+    }
+}
+
+/// The backends that answered clients `range`.
+async fn clients(
+    addr: SocketAddr,
+    range: std::ops::RangeInclusive<usize>,
+) -> anyhow::Result<BTreeSet<String>> {
+    let mut answered = BTreeSet::new();
+    for n in range {
+        answered.insert(client(addr, n).await?);
+    }
+    Ok(answered)
 }
 
 #[tokio::main]
@@ -79,13 +103,12 @@ async fn main() -> anyhow::Result<()> {
     let (alpha, _a) = echo_backend("alpha").await?;
     let (bravo, bravo_task) = echo_backend("bravo").await?;
     let (charlie, _c) = echo_backend("charlie").await?;
-    // Port 7000 when free, otherwise any free port.
-    let bind = match std::net::TcpListener::bind("127.0.0.1:7000") {
-        Ok(probe) => {
-            drop(probe);
-            "127.0.0.1:7000"
-        }
-        Err(_) => "127.0.0.1:0",
+    // Port 7000 when free, to try by hand; any free port for the scripted run alone.
+    let port_7000_free = !once && std::net::TcpListener::bind("127.0.0.1:7000").is_ok();
+    let bind = if port_7000_free {
+        "127.0.0.1:7000"
+    } else {
+        "127.0.0.1:0"
     };
     let yaml = CONFIG
         .replace("{BIND}", bind)
@@ -102,17 +125,21 @@ async fn main() -> anyhow::Result<()> {
 
     println!("Switchyard is listening on {addr}, round robin over alpha ({alpha}), bravo ({bravo}), charlie ({charlie}).\n");
     println!("Six connections:");
-    for n in 1..=6 {
-        client(addr, n).await?;
+    let before = clients(addr, 1..=6).await?;
+    if before.len() != 3 {
+        bail!("round robin over three backends reached only {before:?}");
     }
     println!("\nStopping bravo (its port now refuses connections).");
     bravo_task.abort();
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The aborted task has dropped bravo's listening socket once it has finished.
+    let _ = bravo_task.await;
     println!("Six more connections: the refused connect is retried on another backend, invisibly,");
     println!("and bravo is then skipped for fail_duration:");
-    for n in 7..=12 {
-        client(addr, n).await?;
+    let after = clients(addr, 7..=12).await?;
+    if after.contains("bravo") || after.len() != 2 {
+        bail!("traffic did not move from bravo to alpha and charlie: {after:?}");
     }
+    println!("Failover: bravo's traffic moved to {after:?}.");
 
     if once {
         let _ = stop_tx.send(());

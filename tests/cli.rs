@@ -258,3 +258,84 @@ async fn run_subcommand_serves_a_config_file() {
         );
     }
 }
+
+/// The demo, README's first command, in its scripted mode. `cargo test` builds it with the
+/// other examples, into `examples/` beside this test binary's `deps/`.
+#[test]
+fn demo_reaches_every_backend_then_fails_over() {
+    let exe = std::env::current_exe().expect("test binary");
+    let demo = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("target dir")
+        .join("examples")
+        .join(format!("demo{}", std::env::consts::EXE_SUFFIX));
+    let stale = newer_sources(&demo);
+    // `cargo test --test cli` alone does not rebuild examples: refuse to judge an old build.
+    assert!(
+        stale.is_empty(),
+        "{} is older than {stale:?}; `cargo test` rebuilds it, as does `cargo build --example demo`",
+        demo.display()
+    );
+    let child = Command::new(&demo)
+        .arg("--once")
+        .env("RUST_BACKTRACE", "0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the demo");
+    let guard = KillOnPanic(child.id());
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(child.wait_with_output());
+    });
+    let out = done_rx
+        .recv_timeout(LIMIT)
+        .unwrap_or_else(|_| panic!("the demo did not finish within {LIMIT:?}"))
+        .expect("wait for the demo");
+    std::mem::forget(guard);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let all = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{all}");
+    // "  client  7 -> alpha: message 7"
+    let answers: Vec<(usize, &str)> = stdout
+        .lines()
+        .filter_map(|l| {
+            let (client, reply) = l.trim().strip_prefix("client")?.split_once(" -> ")?;
+            Some((client.trim().parse().ok()?, reply.split_once(':')?.0))
+        })
+        .collect();
+    assert_eq!(answers.len(), 12, "{all}");
+    let answered = |first: usize, last: usize| -> std::collections::BTreeSet<&str> {
+        answers
+            .iter()
+            .filter(|(n, _)| (first..=last).contains(n))
+            .map(|(_, name)| *name)
+            .collect()
+    };
+    assert_eq!(
+        answered(1, 6),
+        ["alpha", "bravo", "charlie"].into(),
+        "{all}"
+    );
+    assert_eq!(answered(7, 12), ["alpha", "charlie"].into(), "{all}");
+}
+
+/// The sources a built binary is older than, from the dep-info file cargo writes beside it
+/// (`demo.d`: "BINARY: SOURCE SOURCE ...", spaces in paths escaped).
+fn newer_sources(binary: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let modified = |path: &std::path::Path| std::fs::metadata(path).and_then(|m| m.modified());
+    let built = modified(binary)
+        .unwrap_or_else(|e| panic!("{}: {e}; `cargo test` builds it", binary.display()));
+    let dep_info = binary.with_extension("d");
+    let text = std::fs::read_to_string(&dep_info)
+        .unwrap_or_else(|e| panic!("{}: {e}", dep_info.display()));
+    let line = text.lines().next().unwrap_or_default().replace("\\ ", "\0");
+    let (_, sources) = line.split_once(": ").expect("dep-info line");
+    sources
+        .split_whitespace()
+        .map(|s| std::path::PathBuf::from(s.replace('\0', " ")))
+        // A source gone since the build counts as changed.
+        .filter(|source| modified(source).map_or(true, |t| t > built))
+        .collect()
+}
