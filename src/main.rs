@@ -94,14 +94,19 @@ async fn serve(
     takeover: Option<switchyard::upgrade::Takeover>,
 ) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
-    // Installed before anything is served, so an early SIGHUP reloads instead of killing.
+    // Installed before anything is served, so an early SIGHUP reloads instead of killing,
+    // and an early SIGTERM or SIGINT stops the balancer instead of being lost.
     let hangup = signal(SignalKind::hangup());
+    let shutdown = shutdown_signal(
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    );
     let mut server = switchyard::Server::bind_with(config, takeover)?;
     if let Some(path) = config_path {
         server = server.with_config_path(path);
     }
     server
-        .run_with(shutdown_signal(), move |control| match hangup {
+        .run_with(shutdown, move |control| match hangup {
             Ok(mut hangup) => {
                 tokio::spawn(async move {
                     while hangup.recv().await.is_some() {
@@ -118,21 +123,31 @@ async fn serve(
         .await
 }
 
-/// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the balancer");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// Completes on SIGTERM or SIGINT, whose handlers the caller installed.
+async fn shutdown_signal(
+    term: std::io::Result<tokio::signal::unix::Signal>,
+    interrupt: std::io::Result<tokio::signal::unix::Signal>,
+) {
+    async fn received(
+        signal: std::io::Result<tokio::signal::unix::Signal>,
+        name: &'static str,
+    ) -> &'static str {
+        match signal {
+            Ok(mut signal) => {
+                signal.recv().await;
+                name
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot listen for {name}");
+                std::future::pending().await
+            }
         }
-    };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
     }
+    let name = tokio::select! {
+        name = received(term, "SIGTERM") => name,
+        name = received(interrupt, "SIGINT") => name,
+    };
+    info!("{name} received");
 }
 
 /// Each connection holds two sockets (and up to two pipes while moving data): raise the
