@@ -1,4 +1,5 @@
-//! The `switchyard` binary as a user runs it: `check`, `forward`, `run` and SIGTERM.
+//! The `switchyard` binary as a user runs it: `check`, `forward`, `run`, SIGTERM, accept
+//! errors under a low open-file limit; and the demo example.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -345,6 +346,181 @@ async fn run_subcommand_serves_a_config_file() {
             log.contains("WARN") && log.contains("pools[0].hash_key: hash_key: client_ip has no effect with balance: round_robin"),
             "{log}"
         );
+    }
+}
+
+/// Accept errors (EMFILE: every descriptor the open-file limit allows is taken) neither spin
+/// the CPU nor flood the log, and once descriptors are free again the connections that
+/// waited in the backlog are served.
+#[tokio::test]
+async fn accept_errors_back_off_without_spinning_and_serving_resumes() {
+    const HELD: usize = 6;
+    const WAITING: usize = 4;
+    if Command::new("prlimit").arg("--version").output().is_err() {
+        missing_tool(
+            "accept_errors_back_off_without_spinning_and_serving_resumes",
+            "prlimit not found (apt-get install util-linux; .ci/run installs it)",
+        );
+        return;
+    }
+    let a = Backend::start("a").await;
+    let f = write_config(&format!(
+        "listeners:\n  - name: app\n    bind: 127.0.0.1:0\n    pool: p\npools:\n  - name: p\n    max_fails: 0\n    backends:\n      - address: {}\n",
+        a.addr
+    ));
+    let mut child = switchyard()
+        .args(["run", "--log-format", "json", "--log-level", "info", "-c"])
+        .arg(f.path())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let guard = KillOnPanic(child.id());
+    let pid = child.id();
+    let log = LogLines::collect(child.stderr.take().expect("stderr"));
+    let mut listen = None;
+    wait_for("the listening line", || {
+        listen = log.listening();
+        listen.is_some()
+    })
+    .await;
+    let listen = listen.expect("listening");
+
+    let mut held = Vec::new();
+    for _ in 0..HELD {
+        held.push(greet(TcpStream::connect(listen).await.expect("connect")).await);
+    }
+    // Once the descriptor table has held still for a while, a limit at its lowest free
+    // number leaves not one descriptor to be made (inherited ones above it stay open).
+    let lowest_free = within("a steady descriptor table", async {
+        let mut steady = 0;
+        let mut before = open_fds(pid);
+        while steady < 5 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let now = open_fds(pid);
+            steady = if now == before { steady + 1 } else { 0 };
+            before = now;
+        }
+        (0..).find(|n| !before.contains(n)).unwrap_or(0)
+    })
+    .await;
+    let limited = Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={lowest_free}:{lowest_free}"))
+        .status()
+        .expect("run prlimit");
+    assert!(limited.success(), "prlimit: {limited:?}");
+
+    // These wait in the listen backlog while accept fails.
+    let mut waiting = Vec::new();
+    for _ in 0..WAITING {
+        waiting.push(TcpStream::connect(listen).await.expect("connect"));
+    }
+    const ACCEPT_FAILED: &str = "accept failed; backing off";
+    let logged = tokio::time::timeout(LIMIT, async {
+        while log.count(ACCEPT_FAILED) == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        logged.is_ok(),
+        "no accept error within {LIMIT:?}; limit {lowest_free}, open {:?}; log:\n{}",
+        open_fds(pid),
+        log.all()
+    );
+    let (cpu_before, logged_before) = (cpu_time(pid), log.count(ACCEPT_FAILED));
+    let started = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (cpu, logged) = (
+        cpu_time(pid) - cpu_before,
+        log.count(ACCEPT_FAILED) - logged_before,
+    );
+    let elapsed = started.elapsed();
+    assert!(
+        cpu < elapsed / 2,
+        "{cpu:?} of CPU in {elapsed:?} while accept kept failing"
+    );
+    let at_most = elapsed.as_secs() as usize + 2;
+    assert!(
+        logged <= at_most,
+        "{logged} accept errors logged in {elapsed:?}:\n{}",
+        log.all()
+    );
+
+    drop(held);
+    for stream in waiting {
+        assert_eq!(greet(stream).await.0, "a", "{}", log.all());
+    }
+    assert_eq!(backend_of(listen).await, "a");
+    terminate(&child);
+    let status = within(
+        "exit",
+        tokio::task::spawn_blocking(move || child.wait().expect("wait")),
+    )
+    .await
+    .expect("join");
+    std::mem::forget(guard);
+    assert!(status.success(), "exit status {status:?}");
+}
+
+/// The numbers of a process's open descriptors.
+fn open_fds(pid: u32) -> std::collections::BTreeSet<u64> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("list open fds")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// CPU time (user and system) a process has used so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read stat");
+    // After the command name (in parentheses) comes field 3; utime and stime are 14 and 15.
+    let after_name = &stat[stat.rfind(')').expect("command name") + 1..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .map_or(100, |n| n as u64);
+    Duration::from_millis(ticks * 1000 / per_second)
+}
+
+/// A child's stderr lines, collected by a thread as they are written.
+struct LogLines(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl LogLines {
+    fn collect(stderr: std::process::ChildStderr) -> LogLines {
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = std::sync::Arc::clone(&lines);
+        std::thread::spawn(move || {
+            for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {
+                let Ok(line) = line else { return };
+                sink.lock().expect("log lines").push(line);
+            }
+        });
+        LogLines(lines)
+    }
+
+    fn count(&self, needle: &str) -> usize {
+        let lines = self.0.lock().expect("log lines");
+        lines.iter().filter(|l| l.contains(needle)).count()
+    }
+
+    /// The address of the first listener the (JSON) log says is listening.
+    fn listening(&self) -> Option<std::net::SocketAddr> {
+        let lines = self.0.lock().expect("log lines");
+        lines.iter().find_map(|line| {
+            let entry: serde_json::Value = serde_json::from_str(line).ok()?;
+            if entry["message"] != "listening" {
+                return None;
+            }
+            entry["local"].as_str()?.parse().ok()
+        })
+    }
+
+    fn all(&self) -> String {
+        self.0.lock().expect("log lines").join("\n")
     }
 }
 
