@@ -2,7 +2,8 @@
 //! through the balancer by a real client, datagram-exact echo with many clients, idle
 //! expiry, `responses`, `max_flows`, failover (backend down, maint, ICMP port unreachable;
 //! drain keeps flows), the fallback pool, Maglev stickiness per client address and port,
-//! and the access log record of a flow.
+//! the access log record of a flow, and upstream sockets reused by short flows without a
+//! late reply ever reaching another client.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -11,6 +12,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -27,6 +29,8 @@ enum Reply {
     Named,
     /// `first:` + bytes, then `second:` + bytes.
     Twice,
+    /// `first:` + bytes, then `late:` + bytes after a delay.
+    TwiceLate(Duration),
 }
 
 /// A UDP backend on 127.0.0.1:0.
@@ -38,7 +42,7 @@ struct UdpBackend {
 
 impl UdpBackend {
     async fn start(name: &str, reply: Reply) -> UdpBackend {
-        let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind backend");
+        let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind backend"));
         let addr = socket.local_addr().expect("addr");
         let prefix = format!("{name}:").into_bytes();
         let task = tokio::spawn(async move {
@@ -65,6 +69,18 @@ impl UdpBackend {
                             out.extend_from_slice(&buf[..n]);
                             let _ = socket.send_to(&out, from).await;
                         }
+                    }
+                    Reply::TwiceLate(delay) => {
+                        out.clear();
+                        out.extend_from_slice(b"first:");
+                        out.extend_from_slice(&buf[..n]);
+                        let _ = socket.send_to(&out, from).await;
+                        let late = [&b"late:"[..], &buf[..n]].concat();
+                        let socket = Arc::clone(&socket);
+                        tokio::spawn(async move {
+                            tokio::time::sleep(delay).await;
+                            let _ = socket.send_to(&late, from).await;
+                        });
                     }
                 }
             }
@@ -162,6 +178,8 @@ const FLOWS_ACTIVE: &str = "switchyard_udp_flows_active";
 const FLOWS_CREATED: &str = "switchyard_udp_flows_created_total";
 const FLOWS_EXPIRED: &str = "switchyard_udp_flows_expired_total";
 const DROPPED: &str = "switchyard_udp_datagrams_dropped_total";
+const SOCKETS_REUSED: &str = "switchyard_udp_upstream_sockets_reused_total";
+const SOCKETS_SPARE: &str = "switchyard_udp_upstream_sockets_spare";
 
 /// Deterministic bytes for client `c`, message `i`, of `len` bytes.
 fn payload(c: usize, i: usize, len: usize) -> Vec<u8> {
@@ -271,6 +289,94 @@ async fn responses_one_ends_the_flow_after_the_first_reply() {
     }
     assert_eq!(lb.counter(FLOWS_CREATED, &[]), 3);
     assert_eq!(lb.counter(FLOWS_ACTIVE, &[]), 0);
+}
+
+#[tokio::test]
+async fn short_flows_reuse_upstream_sockets_and_each_reply_matches_its_query() {
+    let backend = UdpBackend::start("b", Reply::Named).await;
+    let lb = Balancer::start(&udp_config(
+        "      idle_timeout: 30s\n      responses: 1\n",
+        "",
+        &[backend.addr],
+    ))
+    .await;
+    let to = lb.addr("l");
+    // A new client socket per query, as a resolver with random source ports: one flow
+    // each. Spares rest a moment before reuse, so this runs until many were reused.
+    let mut queries = 0u64;
+    within("upstream sockets reused", async {
+        while queries < 300 || lb.counter(SOCKETS_REUSED, &[]) < 100 {
+            assert!(
+                queries < 20_000,
+                "{queries} queries and too few reused sockets"
+            );
+            let socket = client().await;
+            let msg = format!("query {queries}");
+            // The first datagram back must be this query's reply (exchange would skip others).
+            let got = query_once(&socket, to, msg.as_bytes()).await;
+            assert_eq!(
+                String::from_utf8_lossy(&got),
+                format!("b:{msg}"),
+                "a reply to another query"
+            );
+            queries += 1;
+        }
+    })
+    .await;
+    wait_counter(&lb, FLOWS_EXPIRED, &[("reason", "responses")], queries).await;
+    let created = lb.counter(FLOWS_CREATED, &[]);
+    assert!(created >= queries, "one flow per query");
+    assert!(lb.counter(SOCKETS_REUSED, &[]) <= created);
+    // The last flows' sockets rest as spares.
+    wait_counter(&lb, SOCKETS_SPARE, &[], 1).await;
+    assert_eq!(lb.counter(FLOWS_ACTIVE, &[]), 0);
+}
+
+#[tokio::test]
+async fn a_late_reply_after_the_flow_ended_never_reaches_the_next_client() {
+    let backend = UdpBackend::start("b", Reply::TwiceLate(Duration::from_millis(100))).await;
+    let lb = Balancer::start(&udp_config(
+        "      idle_timeout: 30s\n      responses: 1\n",
+        "",
+        &[backend.addr],
+    ))
+    .await;
+    let to = lb.addr("l");
+    let rest = Duration::from_millis(switchyard::udp::spare::REST_MS);
+    const ROUNDS: u64 = 5;
+    let mut clients = Vec::new();
+    for i in 0..ROUNDS {
+        // Each client's flow ends with its first reply; the backend's late second reply then
+        // reaches the flow's socket while it rests as a spare, and is dropped there.
+        let socket = client().await;
+        let msg = format!("q{i}");
+        assert_eq!(
+            String::from_utf8_lossy(&query_once(&socket, to, msg.as_bytes()).await),
+            format!("first:{msg}"),
+            "the first datagram back is this client's reply"
+        );
+        wait_counter(&lb, DROPPED, &[("reason", "extra_reply")], i + 1).await;
+        clients.push((socket, msg));
+        // Rested: the next client's flow may take this socket.
+        tokio::time::sleep(2 * rest).await;
+    }
+    assert!(
+        lb.counter(SOCKETS_REUSED, &[]) >= 1,
+        "later flows took the sockets of earlier ones"
+    );
+    // Every late reply was dropped, none passed on: no client holds anything more.
+    let mut buf = [0u8; 64];
+    for (socket, msg) in &clients {
+        if let Ok(got) =
+            tokio::time::timeout(Duration::from_millis(100), socket.recv(&mut buf)).await
+        {
+            let n = got.expect("recv");
+            panic!(
+                "the client of {msg} got {:?} after its reply",
+                String::from_utf8_lossy(&buf[..n])
+            );
+        }
+    }
 }
 
 #[tokio::test]

@@ -6,8 +6,11 @@
 //!
 //! Upstream sockets are not registered with the runtime one by one: they sit in an epoll
 //! set of their own, whose descriptor the runtime watches, so a single task serves every
-//! flow without waking per socket. Datagrams move in batches (`udp::sys`), grouped per
-//! flow, into buffers allocated once; a datagram costs no allocation.
+//! flow without waking per socket. A flow that ended cleanly (`responses`) gives its socket
+//! back as a spare for a later flow to the same backend (`udp::upstream`), so short flows
+//! such as DNS queries do not each open and close one. Datagrams move in batches
+//! (`udp::sys`), grouped per flow, into buffers allocated once; a datagram costs no
+//! allocation.
 //!
 //! Health is shared with TCP: a flow whose backend went down or into maint moves to another
 //! backend on its next datagram (a draining backend keeps its flows, as it keeps its TCP
@@ -23,7 +26,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tokio::io::unix::AsyncFdReadyGuard;
 use tokio::io::Interest;
@@ -40,12 +43,16 @@ use crate::metrics::UdpMetrics;
 use crate::state::{Pool, Route, Shared};
 use crate::udp::flow::{FlowId, FlowTable, InsertError, ReplyVerdict};
 use crate::udp::sys::{self, EpollSet, RecvBuffers, MAX_BATCH};
+use crate::udp::upstream::{OpenError, Owner, UpstreamId, Upstreams};
 use crate::udp::{DropReason, FlowEnd};
 
 /// Socket buffers asked for the listener socket: room for bursts from many clients.
 const LISTENER_BUFFER: usize = 4 * 1024 * 1024;
 /// Batches taken from one socket before giving the others a turn.
 const ROUNDS: usize = 8;
+/// A task keeps at most one spare upstream socket per this many of its `max_flows`, so
+/// spares add at most a quarter to the descriptors that setting allows.
+const FLOWS_PER_SPARE: usize = 4;
 
 /// Binds a listener socket (non-blocking, ready for the runtime).
 pub fn bind(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::UdpSocket> {
@@ -100,7 +107,7 @@ pub struct UdpLoop {
 
 /// One client's flow.
 struct Flow {
-    upstream: Socket,
+    upstream: UpstreamId,
     /// The listener's pool, or its fallback pool.
     pool: Arc<Pool>,
     backend: usize,
@@ -132,6 +139,7 @@ struct Tally {
     datagrams_to_clients: u64,
     bytes_to_clients: u64,
     dropped: [u64; DropReason::ALL.len()],
+    sockets_reused: u64,
 }
 
 impl Tally {
@@ -152,6 +160,7 @@ impl Tally {
         for reason in DropReason::ALL {
             add(m.dropped(reason), self.dropped[reason as usize]);
         }
+        add(&m.upstream_sockets_reused, self.sockets_reused);
         *self = Tally::default();
     }
 }
@@ -161,8 +170,9 @@ struct Flows {
     name: Arc<str>,
     shared: Arc<Shared>,
     table: FlowTable<Flow>,
-    /// The epoll set of upstream sockets (a second descriptor of the one the runtime watches).
-    registry: Epoll,
+    /// The upstream sockets, in an epoll set (a second descriptor of the one the runtime
+    /// watches), and their spares.
+    upstreams: Upstreams,
     metrics: UdpMetrics,
     tally: Tally,
     draining: bool,
@@ -187,18 +197,19 @@ impl UdpLoop {
         let udp = route.config.udp;
         drop(snapshot);
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io::Error::from)?;
-        // The runtime watches one descriptor of the set; flows are added through another.
+        // The runtime watches one descriptor of the set; sockets are added through another.
         let registry = Epoll(epoll.0.try_clone()?);
         let epoll = sys::register_epoll(epoll)?;
+        let max_flows = udp.max_flows.div_ceil(self.tasks.max(1));
         let mut flows = Flows {
             name: Arc::clone(&self.name),
             shared: Arc::clone(&self.shared),
             table: FlowTable::new(
                 udp.idle_timeout.as_millis() as u64,
                 udp.responses,
-                udp.max_flows.div_ceil(self.tasks.max(1)),
+                max_flows,
             ),
-            registry,
+            upstreams: Upstreams::new(registry, max_flows.div_ceil(FLOWS_PER_SPARE)),
             metrics: self.shared.metrics.udp(&self.name),
             tally: Tally::default(),
             draining: false,
@@ -272,17 +283,25 @@ impl UdpLoop {
                     }
                 }
                 Wake::Tick => {
-                    flows.expire(clock::now_ms());
+                    let now = clock::now_ms();
+                    flows.expire(now);
+                    flows.trim_spares(now);
                     if flows.draining && flows.table.is_empty() {
                         break;
                     }
                 }
             }
             flows.tally.flush(&flows.metrics);
+            flows
+                .metrics
+                .upstream_sockets_spare
+                .set(flows.upstreams.spares() as i64);
         }
         for (client, flow) in flows.table.drain() {
             flows.end(client, flow, FlowEnd::Shutdown);
         }
+        flows.upstreams.close_spares();
+        flows.metrics.upstream_sockets_spare.set(0);
         flows.tally.flush(&flows.metrics);
         Ok(())
     }
@@ -437,13 +456,18 @@ impl Flows {
             tried[n] = index;
             n += 1;
             let backend = &pool.backends[index];
-            let upstream = match upstream_socket(backend.addr.0) {
-                Ok(s) => s,
-                Err(UpstreamError::Local(e)) => {
+            let upstream = match self.upstreams.open(backend.addr.0, now) {
+                Ok(opened) => {
+                    self.tally
+                        .drop(DropReason::ExtraReply, opened.discarded as u64);
+                    self.tally.sockets_reused += u64::from(opened.reused);
+                    opened.id
+                }
+                Err(OpenError::Local(e)) => {
                     self.warn_socket(&e);
                     return Err(DropReason::SocketError);
                 }
-                Err(UpstreamError::Connect(e)) => {
+                Err(OpenError::Connect(e)) => {
                     debug!(pool = %pool.config.name, backend = %backend.name, error = %e, "udp connect failed");
                     self.passive_failure(pool, index, now);
                     continue;
@@ -463,22 +487,12 @@ impl Flows {
             };
             let id = match self.table.insert(client, flow, now) {
                 Ok(id) => id,
-                Err(InsertError::Full(_) | InsertError::Exists(_)) => {
-                    return Err(DropReason::MaxFlows)
+                Err(InsertError::Full(flow) | InsertError::Exists(flow)) => {
+                    self.upstreams.release(flow.upstream, false, now);
+                    return Err(DropReason::MaxFlows);
                 }
             };
-            let registered = match self.table.get(id) {
-                Some(flow) => self.registry.add(
-                    flow.upstream.as_fd(),
-                    EpollEvent::new(EpollFlags::EPOLLIN, id.to_u64()),
-                ),
-                None => Ok(()),
-            };
-            if let Err(e) = registered {
-                self.table.remove(id);
-                self.warn_socket(&io::Error::from(e));
-                return Err(DropReason::SocketError);
-            }
+            self.upstreams.lend(upstream, id);
             self.metrics.flows_created.inc();
             self.metrics.flows_active.inc();
             return Ok(Some(id));
@@ -491,7 +505,11 @@ impl Flows {
 
     /// Sends one flow's datagrams to its backend.
     fn send_upstream(&mut self, id: FlowId, msgs: &[&[u8]], now: u64) {
-        let Some(flow) = self.table.get_mut(id) else {
+        let found = self
+            .table
+            .get_mut(id)
+            .and_then(|flow| Some((self.upstreams.fd(flow.upstream)?, flow)));
+        let Some((upstream, flow)) = found else {
             // Replaced later in the same batch (its backend went down meanwhile).
             self.tally.drop(DropReason::SendError, msgs.len() as u64);
             return;
@@ -499,7 +517,7 @@ impl Flows {
         let mut sent = 0;
         let mut refused = false;
         while sent < msgs.len() {
-            match sys::send_batch(flow.upstream.as_fd(), &msgs[sent..], None) {
+            match sys::send_batch(upstream, &msgs[sent..], None) {
                 Ok(0) => break,
                 Ok(n) => {
                     let bytes: usize = msgs[sent..sent + n].iter().map(|m| m.len()).sum();
@@ -538,7 +556,7 @@ impl Flows {
         bufs: &mut RecvBuffers,
     ) -> bool {
         for _ in 0..ROUNDS {
-            let n = match self.registry.wait(events, EpollTimeout::ZERO) {
+            let n = match self.upstreams.ready(events) {
                 Ok(n) => n,
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => {
@@ -551,21 +569,39 @@ impl Flows {
             }
             let now = clock::now_ms();
             for event in &events[..n] {
-                self.replies(FlowId::from_u64(event.data()), listener, bufs, now);
+                let upstream = UpstreamId::from_u64(event.data());
+                match self.upstreams.owner(upstream) {
+                    Some(Owner::Flow(id)) => self.replies(id, upstream, listener, bufs, now),
+                    Some(Owner::Spare) => {
+                        let late = self.upstreams.discard(upstream);
+                        self.tally.drop(DropReason::ExtraReply, late as u64);
+                    }
+                    None => {}
+                }
             }
         }
         false
     }
 
-    /// Reads one flow's replies (a few batches) and sends them to its client.
-    fn replies(&mut self, id: FlowId, listener: BorrowedFd<'_>, bufs: &mut RecvBuffers, now: u64) {
+    /// Reads one flow's replies (a few batches) from its upstream socket and sends them to
+    /// its client.
+    fn replies(
+        &mut self,
+        id: FlowId,
+        upstream: UpstreamId,
+        listener: BorrowedFd<'_>,
+        bufs: &mut RecvBuffers,
+        now: u64,
+    ) {
         let Some(client) = self.table.key(id) else {
+            // Lent to a flow that is gone without giving it back: nobody reads it.
+            self.upstreams.release(upstream, false, now);
             return;
         };
         let to = SockAddr::from(client);
         for _ in 0..ROUNDS {
-            let received = match self.table.get(id) {
-                Some(flow) => sys::recv_batch(flow.upstream.as_fd(), bufs),
+            let received = match self.upstreams.fd(upstream) {
+                Some(fd) => sys::recv_batch(fd, bufs),
                 None => return,
             };
             let n = match received {
@@ -700,8 +736,29 @@ impl Flows {
         }
     }
 
-    /// Counts and logs a flow that has left the table; dropping it closes its socket.
+    /// Closes the spares of backends that can take no new flow (removed from the pool and its
+    /// fallback by a reload, or not available), and those unused for a while.
+    fn trim_spares(&mut self, now: u64) {
+        let snapshot = self.shared.snapshot();
+        let route = snapshot.route(&self.name);
+        let fallback = route
+            .and_then(|r| r.pool.config.fallback_pool.as_ref())
+            .and_then(|name| snapshot.pools.get(name));
+        let pools = route.map(|r| &r.pool).into_iter().chain(fallback);
+        let backends: Vec<_> = pools.flat_map(|p| p.backends.iter()).collect();
+        self.upstreams.trim(now, |addr| {
+            backends
+                .iter()
+                .any(|b| b.addr.0 == addr && b.is_available(now))
+        });
+    }
+
+    /// Counts and logs a flow that has left the table, and takes its socket back: kept as a
+    /// spare when every expected reply came (and the balancer is not stopping), else closed.
     fn end(&mut self, client: SocketAddr, flow: Flow, reason: FlowEnd) {
+        let reuse = reason == FlowEnd::Responses && !flow.refused && !self.draining;
+        self.upstreams
+            .release(flow.upstream, reuse, clock::now_ms());
         self.metrics.flows_active.dec();
         self.metrics.flows_expired(reason).inc();
         let backend = &flow.pool.backends[flow.backend];
@@ -745,27 +802,6 @@ impl Flows {
             warn!(listener = %self.name, error = %e, "cannot open an upstream udp socket; dropping new flows");
         }
     }
-}
-
-enum UpstreamError {
-    /// The socket itself could not be made (a local resource problem).
-    Local(io::Error),
-    /// connect(2) to the backend failed (no route, ...).
-    Connect(io::Error),
-}
-
-/// A non-blocking UDP socket connected to `backend`.
-fn upstream_socket(backend: SocketAddr) -> Result<Socket, UpstreamError> {
-    let socket = Socket::new(
-        Domain::for_address(backend),
-        Type::DGRAM.nonblocking(),
-        Some(Protocol::UDP),
-    )
-    .map_err(UpstreamError::Local)?;
-    socket
-        .connect(&backend.into())
-        .map_err(UpstreamError::Connect)?;
-    Ok(socket)
 }
 
 /// Logs that a UDP listener is serving.

@@ -28,7 +28,7 @@ impl Metrics {
                 })
         };
         let u = &self.udp;
-        let families: [&dyn Forget; 28] = [
+        let families: [&dyn Forget; 30] = [
             &self.listener_accepted,
             &self.listener_rejected,
             &self.listener_active,
@@ -57,6 +57,8 @@ impl Metrics {
             &u.bytes_to_clients,
             &u.dropped,
             &u.backend_unreachable,
+            &u.upstream_sockets_reused,
+            &u.upstream_sockets_spare,
         ];
         for family in families {
             family.remove_where(&gone);
@@ -128,6 +130,8 @@ mod tests {
         let u = m.udp(listener);
         u.flows_created.inc();
         u.dropped(DropReason::ALL[0]).inc();
+        u.upstream_sockets_reused.inc();
+        u.upstream_sockets_spare.set(1);
     }
 
     /// Names of the families with a series that has a label of this value.

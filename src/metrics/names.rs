@@ -46,6 +46,8 @@ pub const UDP_BYTES_FROM_CLIENTS: &str = "switchyard_udp_bytes_from_clients_tota
 pub const UDP_BYTES_TO_CLIENTS: &str = "switchyard_udp_bytes_to_clients_total";
 pub const UDP_DATAGRAMS_DROPPED: &str = "switchyard_udp_datagrams_dropped_total";
 pub const BACKEND_UDP_UNREACHABLE: &str = "switchyard_backend_udp_unreachable_total";
+pub const UDP_UPSTREAM_SOCKETS_REUSED: &str = "switchyard_udp_upstream_sockets_reused_total";
+pub const UDP_UPSTREAM_SOCKETS_SPARE: &str = "switchyard_udp_upstream_sockets_spare";
 
 /// 1 for the reason of a down backend, 0 for the other reasons (all 0 when not down).
 pub const BACKEND_DOWN_REASON: &str = "switchyard_backend_down_reason";
@@ -105,4 +107,6 @@ pub const ALL: &[&str] = &[
     UDP_BYTES_TO_CLIENTS,
     UDP_DATAGRAMS_DROPPED,
     BACKEND_UDP_UNREACHABLE,
+    UDP_UPSTREAM_SOCKETS_REUSED,
+    UDP_UPSTREAM_SOCKETS_SPARE,
 ];

@@ -1,8 +1,8 @@
 //! The UDP metric families and the handles of one UDP listener.
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry};
 
-use super::{counter_vec, names, Metrics};
+use super::{counter_vec, gauge_vec, names, Metrics};
 use crate::udp::{DropReason, FlowEnd};
 
 impl Metrics {
@@ -25,6 +25,8 @@ impl Metrics {
                 .iter()
                 .map(|r| u.dropped.with_label_values(&[listener, r.as_str()]))
                 .collect(),
+            upstream_sockets_reused: u.upstream_sockets_reused.with_label_values(l),
+            upstream_sockets_spare: u.upstream_sockets_spare.with_label_values(l),
         }
     }
 }
@@ -40,6 +42,8 @@ pub struct UdpMetrics {
     pub bytes_from_clients: IntCounter,
     pub bytes_to_clients: IntCounter,
     dropped: Vec<IntCounter>,
+    pub upstream_sockets_reused: IntCounter,
+    pub upstream_sockets_spare: IntGauge,
 }
 
 impl UdpMetrics {
@@ -64,22 +68,21 @@ pub(super) struct UdpFamilies {
     pub(super) bytes_to_clients: IntCounterVec,
     pub(super) dropped: IntCounterVec,
     pub(super) backend_unreachable: IntCounterVec,
+    pub(super) upstream_sockets_reused: IntCounterVec,
+    pub(super) upstream_sockets_spare: IntGaugeVec,
 }
 
 impl UdpFamilies {
     pub(super) fn new(registry: &Registry) -> UdpFamilies {
         use names::*;
-        let flows_active = IntGaugeVec::new(
-            Opts::new(UDP_FLOWS_ACTIVE, "UDP flows currently tracked."),
-            &["listener"],
-        )
-        .unwrap_or_else(|e| panic!("metric {UDP_FLOWS_ACTIVE}: {e}"));
-        registry
-            .register(Box::new(flows_active.clone()))
-            .unwrap_or_else(|e| panic!("register {UDP_FLOWS_ACTIVE}: {e}"));
         let listener = &["listener"];
         UdpFamilies {
-            flows_active,
+            flows_active: gauge_vec(
+                registry,
+                UDP_FLOWS_ACTIVE,
+                "UDP flows currently tracked.",
+                listener,
+            ),
             flows_created: counter_vec(registry, UDP_FLOWS_CREATED, "UDP flows started.", listener),
             flows_expired: counter_vec(
                 registry,
@@ -122,6 +125,18 @@ impl UdpFamilies {
                 BACKEND_UDP_UNREACHABLE,
                 "ICMP port unreachable received from a backend on a UDP flow (a passive failure).",
                 &["pool", "backend"],
+            ),
+            upstream_sockets_reused: counter_vec(
+                registry,
+                UDP_UPSTREAM_SOCKETS_REUSED,
+                "UDP flows started on a spare upstream socket instead of a new one.",
+                listener,
+            ),
+            upstream_sockets_spare: gauge_vec(
+                registry,
+                UDP_UPSTREAM_SOCKETS_SPARE,
+                "Upstream sockets kept open for reuse (not serving a flow).",
+                listener,
             ),
         }
     }

@@ -1,12 +1,14 @@
-//! UDP flow forwarding, the parts without sockets of their own: the flow table ([`flow`]),
+//! UDP flow forwarding, the parts below the listener loop: the flow table ([`flow`]), the
+//! upstream sockets flows borrow ([`upstream`]) and the spares kept for reuse ([`spare`]),
 //! the batched datagram syscalls and epoll registration ([`sys`], the crate's one module
-//! allowed `unsafe`), and the bounded
-//! reasons a flow ends or a datagram is dropped (metric labels and log fields). The
-//! listener loop that drives them is `listener::udp`.
+//! allowed `unsafe`), and the bounded reasons a flow ends or a datagram is dropped (metric
+//! labels and log fields). The listener loop that drives them is `listener::udp`.
 
 pub mod flow;
+pub mod spare;
 #[allow(unsafe_code)]
 pub mod sys;
+pub mod upstream;
 
 /// Why a flow ended: a bounded set, used as a metric label and in the flow's log line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,7 +60,8 @@ pub enum DropReason {
     SendError,
     /// Sending a reply to the client failed.
     ClientSendError,
-    /// A reply beyond the flow's `responses`.
+    /// A reply beyond the flow's `responses` (also one reaching its socket after the flow
+    /// ended, while the socket rests as a spare).
     ExtraReply,
     /// Longer than the 64 KiB receive slot (cut by the kernel).
     Truncated,

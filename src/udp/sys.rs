@@ -1,8 +1,9 @@
 //! The UDP path's system interface. Batched datagram syscalls: `recvmmsg(2)` and
 //! `sendmmsg(2)` move up to a batch of datagrams per call, each with its own length
 //! (boundaries kept exactly) and address; a batch of one uses plain `recvfrom(2)` /
-//! `sendto(2)`, which is also the measured baseline. And the registration of a flow
-//! table's epoll set with the runtime.
+//! `sendto(2)`, which is also the measured baseline. Dropping what is queued on a spare
+//! upstream socket before it serves another flow. And the registration of a flow table's
+//! epoll set with the runtime.
 //!
 //! This is the one module where the crate allows `unsafe`: raw `libc` calls over headers
 //! built on the stack for each call (so no raw pointer outlives a call and the caller's
@@ -234,6 +235,28 @@ pub fn send_batch(fd: BorrowedFd<'_>, msgs: &[&[u8]], to: Option<&SockAddr>) -> 
     Ok(n as usize)
 }
 
+/// Receives and drops up to `max` queued datagrams without blocking; returns how many (fewer
+/// than `max`: the queue is now empty). A pending socket error (ICMP port unreachable on a
+/// connected socket, ...) is returned as the error; reading it clears it.
+pub fn discard_queued(fd: BorrowedFd<'_>, max: usize) -> io::Result<usize> {
+    let fd = fd.as_raw_fd();
+    let mut byte = 0u8;
+    for n in 0..max {
+        // SAFETY: one writable byte on the stack, live for the call; a longer datagram is
+        // cut to it and the rest dropped by the kernel, which is the point.
+        let r = unsafe { libc::recv(fd, (&mut byte as *mut u8).cast(), 1, libc::MSG_DONTWAIT) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::WouldBlock {
+                Ok(n)
+            } else {
+                Err(e)
+            };
+        }
+    }
+    Ok(max)
+}
+
 /// An epoll set owned by the runtime's reactor: readable when any socket in it is.
 #[derive(Debug)]
 pub struct EpollSet(Epoll);
@@ -293,6 +316,38 @@ mod tests {
             let e = recv_batch(b.as_fd(), &mut bufs).expect_err("empty");
             assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
         }
+    }
+
+    #[test]
+    fn discard_drops_queued_datagrams_up_to_max() {
+        let (a, b) = pair();
+        b.connect(a.local_addr().expect("addr")).expect("connect");
+        assert_eq!(discard_queued(b.as_fd(), 8).expect("empty"), 0);
+        let to = SockAddr::from(b.local_addr().expect("addr"));
+        let big = vec![7u8; 9000];
+        let msgs: [&[u8]; 5] = [b"1", b"", &big, b"4", b"5"];
+        assert_eq!(send_batch(a.as_fd(), &msgs, Some(&to)).expect("send"), 5);
+        assert_eq!(
+            discard_queued(b.as_fd(), 3).expect("discard"),
+            3,
+            "at most max"
+        );
+        assert_eq!(discard_queued(b.as_fd(), 8).expect("discard"), 2);
+        assert_eq!(discard_queued(b.as_fd(), 8).expect("empty"), 0);
+        // An ICMP port unreachable pending on a connected socket comes back as the error.
+        drop(a);
+        send_batch(b.as_fd(), &[b"x"], None).expect("send");
+        let mut e = discard_queued(b.as_fd(), 8);
+        for _ in 0..100 {
+            if e.is_err() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            e = discard_queued(b.as_fd(), 8);
+        }
+        let e = e.expect_err("port unreachable");
+        assert_eq!(e.raw_os_error(), Some(libc::ECONNREFUSED));
+        assert_eq!(discard_queued(b.as_fd(), 8).expect("cleared"), 0);
     }
 
     #[test]
