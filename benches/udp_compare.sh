@@ -6,6 +6,7 @@
 #
 #   benches/udp_compare.sh                 # about 4-5 minutes; prints a markdown table
 #   DURATION=30 ROUNDS=3 benches/udp_compare.sh
+#   CLIENTS=256 OUTSTANDING=256 benches/udp_compare.sh   # short flows: nearly a flow per query
 #
 # Installs what it lacks with apt-get (as root), builds Switchyard in release mode, binds only
 # 127.0.0.1, stops every process it started by PID, and removes its temp dir.
