@@ -2,7 +2,8 @@
 //! backend behind a lock; here the whole cycle of that state machine (sum of the reduced
 //! weights long) is played once at build time into a sequence of backend indices, and `pick`
 //! only advances a shared atomic cursor through it. Skipping unavailable or already-tried
-//! backends walks forward in the sequence, at most one lap.
+//! backends walks forward in the sequence, at most one lap, and moves the cursor past what
+//! it walked, so the others keep their weights' proportions.
 
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -55,33 +56,33 @@ impl RoundRobin {
 
     /// The next backend in the weighted order that is available and not in `tried`.
     ///
-    /// A miss takes the next ticket rather than the next entry, so the load of an unavailable
-    /// backend spreads over the others by weight instead of landing on whichever backend
-    /// follows it in the sequence (with `a b c` and `b` down: `a c a c`, not `a c c a c c`).
-    /// After as many misses as there are backends, an O(backends) check ends the pick when
-    /// nothing is available; after a whole sequence of misses (concurrent picks kept taking
-    /// the good tickets), it walks forward from there, at most one lap.
+    /// A pick takes one ticket from the shared cursor; on a miss it walks forward in the
+    /// sequence from there (at most one lap), then moves the cursor past the entries it
+    /// walked, so they count as taken. A down backend's share thus goes to the others by
+    /// weight instead of to whichever backend follows it in the sequence (with `a b c` and
+    /// `b` down: `a c a c`, not `a c c a c c`), at one more atomic add per pick that missed.
     pub fn pick(&self, backends: &[Backend], tried: &[usize], now_ms: u64) -> Option<usize> {
         let len = self.sequence.len();
         if len == 0 {
             return None;
         }
-        let mut position = 0;
-        for misses in 0..len {
-            if misses == backends.len() && !any_candidate(backends, tried, now_ms) {
-                return None;
-            }
-            position = self.cursor.fetch_add(1, Ordering::Relaxed) % len;
-            let index = self.sequence[position] as usize;
+        let start = self.cursor.fetch_add(1, Ordering::Relaxed) % len;
+        let lap = self.sequence[start..].iter().chain(&self.sequence[..start]);
+        for (misses, &entry) in lap.enumerate() {
+            let index = entry as usize;
             if is_candidate(backends, index, tried, now_ms) {
+                if misses > 0 {
+                    self.cursor.fetch_add(misses, Ordering::Relaxed);
+                }
                 return Some(index);
             }
+            // A long weighted sequence during an outage: after as many misses as there are
+            // backends, check in O(backends) whether walking on can find anything at all.
+            if misses + 1 == backends.len() && !any_candidate(backends, tried, now_ms) {
+                return None;
+            }
         }
-        let lap = self.sequence[position..]
-            .iter()
-            .chain(&self.sequence[..position]);
-        lap.map(|&entry| entry as usize)
-            .find(|&index| is_candidate(backends, index, tried, now_ms))
+        None
     }
 }
 
