@@ -486,6 +486,37 @@ pools:
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_inside_an_untrusted_signature_closes_instead_of_forwarding() {
+    let backend = Backend::start("greeter").await;
+    let yaml = format!(
+        "listeners:
+  - name: l
+    bind: 127.0.0.1:0
+    pool: p
+    accept_proxy_protocol: {{ from: [127.0.0.2/32], timeout: 300ms }}
+pools:
+  - {{ name: p, backends: [{{ address: \"{}\" }}] }}
+",
+        backend.addr
+    );
+    let lb = Balancer::start(&yaml).await;
+    let s = connect_from("127.0.0.3", lb.addr("l")).await;
+    let (greeting, mut s) = greet(s).await;
+    assert_eq!(greeting, "greeter");
+    // The start of a v1 signature, then silence past the timeout: had the held bytes gone
+    // on, the rest of a header sent afterwards would reach the backend whole.
+    s.get_mut().write_all(b"PROX").await.unwrap();
+    let mut rest = Vec::new();
+    let _ = within("closed", s.read_to_end(&mut rest)).await;
+    assert!(
+        rest.is_empty(),
+        "the held bytes were forwarded and echoed: {}",
+        String::from_utf8_lossy(&rest)
+    );
+    wait_counter(&lb, REJECTED, &[("reason", "proxy_untrusted")], 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn maglev_client_ip_hashes_the_address_a_trusted_header_names() {
     let backends = [
         Backend::start("m0").await,

@@ -38,8 +38,8 @@ pub struct Outcome {
 pub struct FirstBytes {
     /// Judges the bytes received so far (at least one, at most [`FIRST_BYTES_MAX`]).
     pub check: fn(&[u8]) -> Screen,
-    /// How long to wait for more bytes once the check asked for them; then the bytes are
-    /// forwarded.
+    /// How long to wait for more bytes once the check asked for them; then the connection
+    /// is refused (bytes that might still become what the check refuses never go on).
     pub wait: Duration,
 }
 
@@ -217,8 +217,10 @@ fn failure_reason(
 
 /// Reads `src`'s first bytes (a few, never past [`FIRST_BYTES_MAX`]) until `first.check`
 /// decides, then writes them to `dst` unless refused. The wait for more bytes starts at the
-/// first byte (before it, the idle timer applies); at EOF or when the wait runs out, the bytes
-/// read so far are forwarded and the pump that follows sees the EOF again.
+/// first byte (before it, the idle timer applies). When it runs out the connection is
+/// refused: forwarding the held bytes would let a pause split what the check refuses. At
+/// EOF the bytes read so far are forwarded (nothing can follow them) and the pump that
+/// follows sees the EOF again.
 async fn screen(
     src: &TcpStream,
     dst: &TcpStream,
@@ -234,7 +236,7 @@ async fn screen(
             Some(at) => tokio::time::timeout_at(at, src.readable()).await,
         };
         match ready {
-            Err(_) => break,
+            Err(_) => return Err(PumpError::Refused),
             Ok(r) => r.map_err(PumpError::Read)?,
         }
         match src.try_read(&mut held[len..]) {
