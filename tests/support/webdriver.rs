@@ -43,33 +43,50 @@ pub struct ChromeDriver {
 
 impl ChromeDriver {
     /// Starts `driver` on a free loopback port, logging to `dir`, and waits until it is ready.
+    /// The port is found free and then given to chromedriver, so another process may take it
+    /// in between: a driver that exits before it is ready is started again on a new port.
     pub async fn start(driver: &Path, dir: &Path) -> ChromeDriver {
-        let addr = refused_addr();
         let log = dir.join("chromedriver.log");
-        let child = Command::new(driver)
-            .arg(format!("--port={}", addr.port()))
-            .arg(format!("--log-path={}", log.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .expect("start chromedriver");
-        let driver = ChromeDriver { child, addr, log };
-        within("chromedriver ready", async {
-            loop {
-                if let Ok(s) = tokio::net::TcpStream::connect(addr).await {
-                    drop(s);
-                    let r = request(addr, "GET", "/status", &[], "").await;
-                    if r.json()["value"]["ready"] == true {
-                        return;
+        for _attempt in 0..3 {
+            let addr = refused_addr();
+            let child = Command::new(driver)
+                .arg(format!("--port={}", addr.port()))
+                .arg(format!("--log-path={}", log.display()))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .process_group(0)
+                .spawn()
+                .expect("start chromedriver");
+            let mut driver = ChromeDriver {
+                child,
+                addr,
+                log: log.clone(),
+            };
+            let ready = within("chromedriver ready", async {
+                loop {
+                    if let Ok(s) = tokio::net::TcpStream::connect(addr).await {
+                        drop(s);
+                        let r = request(addr, "GET", "/status", &[], "").await;
+                        if r.json()["value"]["ready"] == true {
+                            return true;
+                        }
                     }
+                    if matches!(driver.child.try_wait(), Ok(Some(_))) {
+                        return false;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+            })
+            .await;
+            if ready {
+                return driver;
             }
-        })
-        .await;
-        driver
+        }
+        panic!(
+            "chromedriver exited before it was ready, three times; see {}",
+            log.display()
+        );
     }
 
     /// A new headless session of `browser` with a fresh profile in `profile`.
