@@ -7,6 +7,7 @@
 #   benches/udp_compare.sh                 # about 4-5 minutes; prints a markdown table
 #   DURATION=30 ROUNDS=3 benches/udp_compare.sh
 #   CLIENTS=256 OUTSTANDING=256 benches/udp_compare.sh   # short flows: nearly a flow per query
+#   TARGETS="switchyard dnsdist" benches/udp_compare.sh   # only these rows
 #
 # Installs what it lacks with apt-get (as root), builds Switchyard in release mode, binds only
 # 127.0.0.1, stops every process it started by PID, and removes its temp dir.
@@ -205,7 +206,8 @@ run_target() { # NAME
   stop "$pid"
 }
 
-TARGETS=(direct switchyard switchyard-batch1 dnsdist nginx switchyard-2workers)
+# TARGETS="switchyard dnsdist" measures only those (space-separated); all by default.
+read -r -a TARGETS <<< "${TARGETS:-direct switchyard switchyard-batch1 dnsdist nginx switchyard-2workers}"
 for round in $(seq "$ROUNDS"); do
   for t in "${TARGETS[@]}"; do
     log "round $round: $t"

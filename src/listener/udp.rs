@@ -556,7 +556,8 @@ impl Flows {
         bufs: &mut RecvBuffers,
     ) -> bool {
         for _ in 0..ROUNDS {
-            let n = match self.upstreams.ready(events) {
+            let now = clock::now_ms();
+            let n = match self.upstreams.ready(events, now) {
                 Ok(n) => n,
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => {
@@ -567,7 +568,6 @@ impl Flows {
             if n == 0 {
                 return true;
             }
-            let now = clock::now_ms();
             for event in &events[..n] {
                 let upstream = UpstreamId::from_u64(event.data());
                 match self.upstreams.owner(upstream) {
@@ -600,8 +600,13 @@ impl Flows {
         };
         let to = SockAddr::from(client);
         for _ in 0..ROUNDS {
+            // A DNS flow waits for one reply: one plain receive, not a batch.
+            let want = match self.table.replies_owed(id) {
+                Some(owed) => (owed as usize).clamp(1, bufs.batch()),
+                None => bufs.batch(),
+            };
             let received = match self.upstreams.fd(upstream) {
-                Some(fd) => sys::recv_batch(fd, bufs),
+                Some(fd) => sys::recv_up_to(fd, bufs, want),
                 None => return,
             };
             let n = match received {
@@ -647,7 +652,7 @@ impl Flows {
                 }
                 return;
             }
-            if n < bufs.batch() {
+            if n < want {
                 return;
             }
         }

@@ -214,6 +214,18 @@ impl<V> FlowTable<V> {
         })
     }
 
+    /// Replies the flow still waits for before it ends (by `responses`); None when it is gone
+    /// or only idleness ends it.
+    pub fn replies_owed(&self, id: FlowId) -> Option<u64> {
+        let n = self.responses?;
+        let e = self.entry(id)?;
+        Some(
+            e.requests
+                .saturating_mul(u64::from(n))
+                .saturating_sub(e.replies),
+        )
+    }
+
     /// Ends a flow now; returns its client address and value.
     pub fn remove(&mut self, id: FlowId) -> Option<(SocketAddr, V)> {
         let removed = self.take(id)?;
@@ -350,14 +362,18 @@ mod tests {
         let id = t.insert(addr(1), (), 0).expect("insert");
         t.on_request(id, 0);
         t.on_request(id, 1);
+        assert_eq!(t.replies_owed(id), Some(2));
         assert_eq!(t.on_reply(id, 2), Some(ReplyVerdict::Forward));
+        assert_eq!(t.replies_owed(id), Some(1));
         assert_eq!(t.on_reply(id, 3), Some(ReplyVerdict::ForwardAndEnd));
 
         let mut t: FlowTable<()> = FlowTable::new(1000, Some(2), 10);
         let id = t.insert(addr(1), (), 0).expect("insert");
         t.on_request(id, 0);
+        assert_eq!(t.replies_owed(id), Some(2));
         assert_eq!(t.on_reply(id, 1), Some(ReplyVerdict::Forward));
         assert_eq!(t.on_reply(id, 2), Some(ReplyVerdict::ForwardAndEnd));
+        assert_eq!(t.replies_owed(id), Some(0));
 
         let mut t: FlowTable<()> = FlowTable::new(1000, None, 10);
         let id = t.insert(addr(1), (), 0).expect("insert");
@@ -365,8 +381,10 @@ mod tests {
         for now in 1..10 {
             assert_eq!(t.on_reply(id, now), Some(ReplyVerdict::Forward));
         }
+        assert_eq!(t.replies_owed(id), None, "only idleness ends it");
         t.remove(id);
         assert_eq!(t.on_reply(id, 11), None);
+        assert_eq!(t.replies_owed(id), None);
     }
 
     #[test]

@@ -55,17 +55,18 @@ impl<K: Eq + Hash + Copy, T> Spares<K, T> {
         Ok(())
     }
 
-    /// The longest-resting spare of `key`, once it has rested [`REST_MS`].
-    pub fn take(&mut self, key: &K, now_ms: u64) -> Option<T> {
+    /// The longest-resting spare of `key`, once it has rested [`REST_MS`], with the time it
+    /// began resting.
+    pub fn take(&mut self, key: &K, now_ms: u64) -> Option<(u64, T)> {
         let list = self.lists.get_mut(key)?;
         let &(since, _) = list.front()?;
         if now_ms < since.saturating_add(REST_MS) {
             // The others came later: none has rested long enough either.
             return None;
         }
-        let (_, item) = list.pop_front()?;
+        let taken = list.pop_front()?;
         self.len -= 1;
-        Some(item)
+        Some(taken)
     }
 
     /// Removes one spare equal to `item` of `key` (it failed while resting); false when
@@ -140,20 +141,20 @@ mod tests {
         s.put('b', 3, 100).expect("room");
         assert_eq!(s.len(), 3);
         assert_eq!(s.take(&'a', 100 + REST_MS - 1), None, "still resting");
-        assert_eq!(s.take(&'a', 100 + REST_MS), Some(1));
+        assert_eq!(s.take(&'a', 100 + REST_MS), Some((100, 1)));
         assert_eq!(
             s.take(&'a', 100 + REST_MS),
             None,
             "the next rests until 110"
         );
-        assert_eq!(s.take(&'a', 110 + REST_MS), Some(2));
+        assert_eq!(s.take(&'a', 110 + REST_MS), Some((110, 2)));
         assert_eq!(s.take(&'a', u64::MAX), None);
         assert_eq!(
             s.take(&'c', u64::MAX),
             None,
             "another backend's spares are not lent"
         );
-        assert_eq!(s.take(&'b', 100 + REST_MS), Some(3));
+        assert_eq!(s.take(&'b', 100 + REST_MS), Some((100, 3)));
         assert!(s.is_empty());
     }
 
@@ -163,7 +164,7 @@ mod tests {
         s.put('a', 1, 0).expect("room");
         s.put('b', 2, 0).expect("room");
         assert_eq!(s.put('c', 3, 0), Err(3), "full: handed back to be closed");
-        assert_eq!(s.take(&'a', REST_MS), Some(1));
+        assert_eq!(s.take(&'a', REST_MS), Some((0, 1)));
         s.put('c', 3, 0).expect("room again");
         assert_eq!(s.len(), 2);
     }
@@ -182,7 +183,7 @@ mod tests {
         s.trim(MAX_REST_MS, |k| *k != 'b', |t| closed.push(t));
         assert_eq!(closed, [1, 3], "b was removed");
         assert_eq!(s.len(), 1);
-        assert_eq!(s.take(&'a', MAX_REST_MS), Some(2));
+        assert_eq!(s.take(&'a', MAX_REST_MS), Some((500, 2)));
         assert!(s.is_empty());
     }
 
@@ -217,7 +218,7 @@ mod tests {
         let mut reused = 0u64;
         for now in 0..10_000u64 {
             let socket = match s.take(&'a', now) {
-                Some(socket) => {
+                Some((_, socket)) => {
                     reused += 1;
                     socket
                 }

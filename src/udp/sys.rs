@@ -92,8 +92,16 @@ fn zeroed_storage() -> libc::sockaddr_storage {
 /// Receives up to `bufs.batch()` datagrams without blocking; returns how many (read them
 /// with [`RecvBuffers::get`]). WouldBlock when none is queued.
 pub fn recv_batch(fd: BorrowedFd<'_>, bufs: &mut RecvBuffers) -> io::Result<usize> {
+    recv_up_to(fd, bufs, bufs.batch)
+}
+
+/// [`recv_batch`], for at most `max` datagrams (at least one): a reader that expects one
+/// datagram makes one plain receive instead of setting up a batch of headers for a
+/// `recvmmsg` that would try a second receive only to find the queue empty.
+pub fn recv_up_to(fd: BorrowedFd<'_>, bufs: &mut RecvBuffers, max: usize) -> io::Result<usize> {
     let fd = fd.as_raw_fd();
-    if bufs.batch == 1 {
+    let batch = max.clamp(1, bufs.batch);
+    if batch == 1 {
         let mut storage = zeroed_storage();
         let mut len = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
         // SAFETY: the buffer is SLOT writable bytes owned by `bufs`; storage and len are
@@ -121,7 +129,6 @@ pub fn recv_batch(fd: BorrowedFd<'_>, bufs: &mut RecvBuffers) -> io::Result<usiz
         return Ok(1);
     }
 
-    let batch = bufs.batch;
     let mut names = [MaybeUninit::<libc::sockaddr_storage>::uninit(); MAX_BATCH];
     let mut iovecs = [MaybeUninit::<libc::iovec>::uninit(); MAX_BATCH];
     let mut headers = [MaybeUninit::<libc::mmsghdr>::uninit(); MAX_BATCH];
@@ -129,7 +136,8 @@ pub fn recv_batch(fd: BorrowedFd<'_>, bufs: &mut RecvBuffers) -> io::Result<usiz
     for i in 0..batch {
         let name = names[i].write(zeroed_storage());
         let iov = iovecs[i].write(libc::iovec {
-            // SAFETY: i < batch, so the slot [i*SLOT, (i+1)*SLOT) is inside `data`.
+            // SAFETY: i < batch <= bufs.batch, so the slot [i*SLOT, (i+1)*SLOT) is inside
+            // `data` (bufs.batch slots long).
             iov_base: unsafe { base.add(i * SLOT) }.cast(),
             iov_len: SLOT,
         });
@@ -316,6 +324,25 @@ mod tests {
             let e = recv_batch(b.as_fd(), &mut bufs).expect_err("empty");
             assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
         }
+    }
+
+    #[test]
+    fn recv_up_to_takes_no_more_than_asked() {
+        let (a, b) = pair();
+        let to = SockAddr::from(b.local_addr().expect("addr"));
+        let msgs: [&[u8]; 4] = [b"1", b"22", b"333", b"4444"];
+        assert_eq!(send_batch(a.as_fd(), &msgs, Some(&to)).expect("send"), 4);
+        let mut bufs = RecvBuffers::new(8);
+        assert_eq!(recv_up_to(b.as_fd(), &mut bufs, 1).expect("recv"), 1);
+        assert_eq!(bufs.get(0).0, b"1");
+        assert_eq!(recv_up_to(b.as_fd(), &mut bufs, 2).expect("recv"), 2);
+        assert_eq!((bufs.get(0).0, bufs.get(1).0), (&b"22"[..], &b"333"[..]));
+        assert_eq!(
+            recv_up_to(b.as_fd(), &mut bufs, 0).expect("recv"),
+            1,
+            "at least one"
+        );
+        assert_eq!(bufs.get(0).0, b"4444");
     }
 
     #[test]

@@ -6,8 +6,11 @@
 //!
 //! The epoll event of a socket carries its [`UpstreamId`], not a flow's, so lending it to
 //! another flow changes a field here rather than the registration. A datagram that reaches a
-//! spare has no flow to go to: it is dropped when the event comes, and whatever is still
-//! queued when a spare is taken is dropped then, so no reply of an ended flow is passed on.
+//! spare has no flow to go to: it is dropped when the event comes. When a spare is taken,
+//! what is still queued on it is dropped too, so no reply of an ended flow that came while
+//! it rested is passed on; that costs a receive, skipped when the set has been swept (every
+//! ready socket reported, so every spare's queue emptied) since the spare finished resting:
+//! anything queued then came after its rest, which is the risk the rest already accepts.
 //! Flows that end by idleness, error, refusal, a backend going down or shutdown close their
 //! socket. What this module does not do: pick backends, or decide which flows may give their
 //! socket back (the listener, `listener::udp`).
@@ -20,7 +23,7 @@ use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags, EpollTimeout};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use super::flow::FlowId;
-use super::spare::Spares;
+use super::spare::{Spares, REST_MS};
 use super::sys;
 
 /// Datagrams dropped from a spare at once; more than this queued and the spare is closed
@@ -97,6 +100,9 @@ pub struct Upstreams {
     /// runtime watches).
     epoll: Epoll,
     spares: Spares<SocketAddr, UpstreamId>,
+    /// When [`ready`](Self::ready) last reported every ready socket (fewer events than
+    /// room), taken before the call; 0: never.
+    swept_ms: u64,
 }
 
 impl Upstreams {
@@ -107,19 +113,35 @@ impl Upstreams {
             free: Vec::new(),
             epoll,
             spares: Spares::new(max_spares),
+            swept_ms: 0,
         }
     }
 
-    /// Ready sockets, without waiting; each event's data is an [`UpstreamId`].
-    pub fn ready(&self, events: &mut [EpollEvent]) -> nix::Result<usize> {
-        self.epoll.wait(events, EpollTimeout::ZERO)
+    /// Ready sockets, without waiting; each event's data is an [`UpstreamId`]. The caller
+    /// handles every event before it takes a spare again (replies read, spares emptied), so
+    /// fewer events than room mark `now_ms` as a sweep.
+    pub fn ready(&mut self, events: &mut [EpollEvent], now_ms: u64) -> nix::Result<usize> {
+        let n = self.epoll.wait(events, EpollTimeout::ZERO)?;
+        if n < events.len() {
+            self.swept_ms = self.swept_ms.max(now_ms);
+        }
+        Ok(n)
     }
 
-    /// A socket connected to `backend` for a new flow: a rested spare, emptied first, or a
-    /// new one. [`lend`](Self::lend) it to the flow once the flow has an id.
+    /// A socket connected to `backend` for a new flow: a rested spare, emptied first unless
+    /// the set was swept after its rest, or a new one. [`lend`](Self::lend) it to the flow
+    /// once the flow has an id.
     pub fn open(&mut self, backend: SocketAddr, now_ms: u64) -> Result<Opened, OpenError> {
         let mut discarded = 0;
-        while let Some(id) = self.spares.take(&backend, now_ms) {
+        while let Some((since, id)) = self.spares.take(&backend, now_ms) {
+            // Clock readings are whole milliseconds: one more keeps the sweep after the rest.
+            if self.swept_ms > since + REST_MS && self.get(id).is_some() {
+                return Ok(Opened {
+                    id,
+                    reused: true,
+                    discarded,
+                });
+            }
             match self.fd(id).map(|fd| sys::discard_queued(fd, DISCARD_MAX)) {
                 Some(Ok(n)) if n < DISCARD_MAX => {
                     return Ok(Opened {
@@ -338,9 +360,10 @@ mod tests {
         from
     }
 
-    fn events(u: &Upstreams) -> Vec<u64> {
+    /// Ready sockets, as a sweep at `now` when fewer than 8.
+    fn events(u: &mut Upstreams, now: u64) -> Vec<u64> {
         let mut events = vec![EpollEvent::empty(); 8];
-        let n = u.ready(&mut events).expect("epoll_wait");
+        let n = u.ready(&mut events, now).expect("epoll_wait");
         events[..n].iter().map(|e| e.data()).collect()
     }
 
@@ -385,9 +408,9 @@ mod tests {
         u.release(a, true, 0);
         // A late reply while it rests: the epoll event names the spare, and it is dropped.
         b.send_to(b"late 1", port).expect("send");
-        assert_eq!(events(&u), [a.to_u64()]);
+        assert_eq!(events(&mut u, 0), [a.to_u64()]);
         assert_eq!(u.discard(a), 1);
-        assert!(events(&u).is_empty(), "nothing left to read");
+        assert!(events(&mut u, 0).is_empty(), "nothing left to read");
         // Another arrives after the last event was handled: taking the spare drops it.
         b.send_to(b"late 2", port).expect("send");
         b.send_to(b"late 3", port).expect("send");
@@ -402,6 +425,32 @@ mod tests {
         b.send_to(b"mine", port).expect("send");
         assert_eq!(sys::recv_batch(fd, &mut bufs).expect("recv"), 1);
         assert_eq!(bufs.get(0).0, b"mine");
+    }
+
+    #[test]
+    fn a_sweep_after_the_rest_spares_the_drain_and_one_during_it_does_not() {
+        let (b, addr) = backend();
+        let mut u = upstreams(8);
+        let a = u.open(addr, 0).expect("open").id;
+        let port = source(&u, a, &b);
+        u.release(a, true, 100);
+        // Queued during the rest, with only a sweep inside the rest since: dropped on taking.
+        b.send_to(b"late", port).expect("send");
+        assert!(events(&mut u, 100 + REST_MS).contains(&a.to_u64()));
+        let again = u.open(addr, 100 + REST_MS).expect("open");
+        assert_eq!((again.id, again.reused, again.discarded), (a, true, 1));
+
+        // A sweep after the rest found nothing queued: taking it makes no receive, so what
+        // arrives after that sweep (later than the rest allows for) is the next flow's.
+        u.release(a, true, 200);
+        assert!(events(&mut u, 200 + REST_MS + 1).is_empty());
+        b.send_to(b"after the sweep", port).expect("send");
+        let again = u.open(addr, 200 + REST_MS + 1).expect("open");
+        assert_eq!((again.id, again.reused, again.discarded), (a, true, 0));
+        let mut bufs = sys::RecvBuffers::new(4);
+        let fd = u.fd(a).expect("open");
+        assert_eq!(sys::recv_up_to(fd, &mut bufs, 1).expect("queued"), 1);
+        assert_eq!(bufs.get(0).0, b"after the sweep");
     }
 
     #[test]
@@ -449,12 +498,12 @@ mod tests {
             let _ = sys::send_batch(fd, &[b"q"], None);
         }
         for _ in 0..100 {
-            if !events(&u).is_empty() {
+            if !events(&mut u, 0).is_empty() {
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        assert_eq!(events(&u), [a.to_u64()]);
+        assert_eq!(events(&mut u, 0), [a.to_u64()]);
         let next = u.open(addr, REST_MS).expect("open");
         assert!(!next.reused, "a new socket instead");
         assert_eq!(u.owner(a), None);
