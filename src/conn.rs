@@ -343,23 +343,12 @@ async fn connect(pool: &Pool, key: u64) -> Result<(usize, TcpStream), CloseReaso
         };
         metrics.connect_failures.inc();
         debug!(pool = %pool.config.name, backend = %backend.name, error = %error, "backend connect failed");
-        if let Some(opening) = backend
-            .state
-            .record_connect_failure(clock::now_ms(), pool.breaker)
-        {
-            let why = format!(
+        crate::health::passive::record_failure(pool, index, clock::now_ms(), || {
+            format!(
                 "{} consecutive connect failures, the last: {error}",
                 pool.breaker.max_fails
-            );
-            crate::health::passive::opened(
-                &pool.config.name,
-                backend,
-                metrics,
-                opening,
-                pool.breaker,
-                &why,
-            );
-        }
+            )
+        });
     }
     Err(CloseReason::ConnectFailed)
 }

@@ -1,9 +1,10 @@
 //! The passive breaker's state changes. Consecutive connect failures on the data path open
 //! a backend's breaker (`BackendState::record_connect_failure`), which shows an up backend
 //! as down (passive) until `fail_duration` has passed; the breaker then closes by the clock
-//! alone, with no connection there to notice. [`opened`] announces the opening (logged
-//! once, counted) and starts a task that announces the closing when it comes, so both
-//! changes show in the log and in `switchyard_backend_state_changes_total`.
+//! alone, with no connection there to notice. [`record_failure`] is what the data path
+//! calls (a TCP connect that failed, a UDP port unreachable); [`opened`] announces the
+//! opening (logged once, counted) and starts a task that announces the closing when it
+//! comes, so both changes show in the log and in `switchyard_backend_state_changes_total`.
 //!
 //! The breaker only overlays an up backend: while the active checks hold a backend down or
 //! standby, its breaker opening or closing changes nothing a reader sees, and neither is
@@ -20,6 +21,24 @@ use crate::backend::{
 };
 use crate::clock;
 use crate::metrics::BackendMetrics;
+use crate::state::Pool;
+
+/// Counts a failure of backend `index` of `pool` on the data path toward its breaker and,
+/// when that opens it, announces the opening; `why` (the failures that opened it) is built
+/// only then.
+pub fn record_failure(pool: &Pool, index: usize, now_ms: u64, why: impl FnOnce() -> String) {
+    let backend = &pool.backends[index];
+    if let Some(opening) = backend.state.record_connect_failure(now_ms, pool.breaker) {
+        opened(
+            &pool.config.name,
+            backend,
+            &pool.backend_metrics[index],
+            opening,
+            pool.breaker,
+            &why(),
+        );
+    }
+}
 
 /// Announces a breaker that just opened on `backend` of `pool` (`why`: the failures that
 /// opened it) and, inside a runtime, starts the task that announces its closing.

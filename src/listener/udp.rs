@@ -716,23 +716,13 @@ impl Flows {
     }
 
     fn passive_failure(&self, pool: &Pool, index: usize, now: u64) {
-        let backend = &pool.backends[index];
-        let metrics = &pool.backend_metrics[index];
-        metrics.udp_unreachable.inc();
-        if let Some(opening) = backend.state.record_connect_failure(now, pool.breaker) {
-            let why = format!(
+        pool.backend_metrics[index].udp_unreachable.inc();
+        crate::health::passive::record_failure(pool, index, now, || {
+            format!(
                 "{} consecutive udp port unreachable errors",
                 pool.breaker.max_fails
-            );
-            crate::health::passive::opened(
-                &pool.config.name,
-                backend,
-                metrics,
-                opening,
-                pool.breaker,
-                &why,
-            );
-        }
+            )
+        });
     }
 
     fn expire(&mut self, now: u64) {
