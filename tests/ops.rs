@@ -677,6 +677,10 @@ async fn status_and_backend_bytes_count_udp_flows() {
     let dropped = [("reason", "max_flows")];
     wait_counter(&lb, "switchyard_udp_datagrams_dropped_total", &dropped, 2).await;
     wait_counter(&lb, "switchyard_udp_bytes_to_clients_total", &[], 11).await;
+    // Per-backend bytes are added up per batch too.
+    let pe = [("pool", "p"), ("backend", "e")];
+    wait_counter(&lb, "switchyard_backend_bytes_from_clients_total", &pe, 11).await;
+    wait_counter(&lb, "switchyard_backend_bytes_to_clients_total", &pe, 11).await;
 
     let s = get(admin, "/api/v1/status").await.json();
     let l = &s["listeners"][0];
@@ -704,7 +708,6 @@ async fn status_and_backend_bytes_count_udp_flows() {
     assert_eq!(b["bytes"]["from_clients"], 11);
     assert_eq!(b["bytes"]["to_clients"], 11);
     let m = get(admin, "/metrics").await.body;
-    let pe = [("pool", "p"), ("backend", "e")];
     assert_eq!(
         sample(&m, "switchyard_backend_bytes_from_clients_total", &pe),
         Some(11.0)

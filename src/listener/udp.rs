@@ -140,6 +140,17 @@ struct Tally {
     bytes_to_clients: u64,
     dropped: [u64; DropReason::ALL.len()],
     sockets_reused: u64,
+    /// Payload bytes per backend (a batch's flows share a few backends); the allocation is
+    /// kept from batch to batch.
+    backends: Vec<BackendBytes>,
+}
+
+/// Payload bytes of one backend over one batch.
+struct BackendBytes {
+    pool: Arc<Pool>,
+    index: usize,
+    from_clients: u64,
+    to_clients: u64,
 }
 
 impl Tally {
@@ -147,7 +158,43 @@ impl Tally {
         self.dropped[reason as usize] += n;
     }
 
+    /// Counts payload bytes of backend `index` of `pool`, each way.
+    fn backend_bytes(
+        &mut self,
+        pool: &Arc<Pool>,
+        index: usize,
+        from_clients: u64,
+        to_clients: u64,
+    ) {
+        if from_clients == 0 && to_clients == 0 {
+            return;
+        }
+        // Flows in a row often share a backend: look from the latest.
+        let found = self
+            .backends
+            .iter_mut()
+            .rev()
+            .find(|b| b.index == index && Arc::ptr_eq(&b.pool, pool));
+        if let Some(b) = found {
+            b.from_clients += from_clients;
+            b.to_clients += to_clients;
+        } else if self.backends.len() < MAX_BATCH {
+            self.backends.push(BackendBytes {
+                pool: Arc::clone(pool),
+                index,
+                from_clients,
+                to_clients,
+            });
+        } else {
+            // Many backends in one batch: no search longer than that.
+            add_backend_bytes(pool, index, from_clients, to_clients);
+        }
+    }
+
     fn flush(&mut self, m: &UdpMetrics) {
+        for b in self.backends.drain(..) {
+            add_backend_bytes(&b.pool, b.index, b.from_clients, b.to_clients);
+        }
         let add = |c: &prometheus::IntCounter, n: u64| {
             if n > 0 {
                 c.inc_by(n);
@@ -161,7 +208,20 @@ impl Tally {
             add(m.dropped(reason), self.dropped[reason as usize]);
         }
         add(&m.upstream_sockets_reused, self.sockets_reused);
-        *self = Tally::default();
+        *self = Tally {
+            backends: std::mem::take(&mut self.backends),
+            ..Tally::default()
+        };
+    }
+}
+
+fn add_backend_bytes(pool: &Pool, index: usize, from_clients: u64, to_clients: u64) {
+    let m = &pool.backend_metrics[index];
+    if from_clients > 0 {
+        m.bytes_from_clients.inc_by(from_clients);
+    }
+    if to_clients > 0 {
+        m.bytes_to_clients.inc_by(to_clients);
     }
 }
 
@@ -523,9 +583,8 @@ impl Flows {
                     let bytes: usize = msgs[sent..sent + n].iter().map(|m| m.len()).sum();
                     flow.datagrams_from_client += n as u64;
                     flow.bytes_from_client += bytes as u64;
-                    flow.pool.backend_metrics[flow.backend]
-                        .bytes_from_clients
-                        .inc_by(bytes as u64);
+                    self.tally
+                        .backend_bytes(&flow.pool, flow.backend, bytes as u64, 0);
                     self.tally.datagrams_from_clients += n as u64;
                     self.tally.bytes_from_clients += bytes as u64;
                     sent += n;
@@ -688,9 +747,8 @@ impl Flows {
         if let Some(flow) = self.table.get_mut(id) {
             flow.datagrams_to_client += sent as u64;
             flow.bytes_to_client += bytes_sent;
-            flow.pool.backend_metrics[flow.backend]
-                .bytes_to_clients
-                .inc_by(bytes_sent);
+            self.tally
+                .backend_bytes(&flow.pool, flow.backend, 0, bytes_sent);
         }
     }
 
