@@ -39,7 +39,7 @@ use crate::backend::{ActiveGuard, BackendState, ClientAddr};
 use crate::clock;
 use crate::config::MAX_RETRIES;
 use crate::conn::hash_key;
-use crate::metrics::UdpMetrics;
+use crate::metrics::{GaugeShare, UdpMetrics};
 use crate::state::{Pool, Route, Shared};
 use crate::udp::flow::{FlowId, FlowTable, InsertError, ReplyVerdict};
 use crate::udp::sys::{self, EpollSet, RecvBuffers, MAX_BATCH};
@@ -234,6 +234,8 @@ struct Flows {
     /// watches), and their spares.
     upstreams: Upstreams,
     metrics: UdpMetrics,
+    /// This task's part of the listener's spare-socket gauge.
+    spares_gauge: GaugeShare,
     tally: Tally,
     draining: bool,
     last_socket_warning: Option<Instant>,
@@ -261,6 +263,7 @@ impl UdpLoop {
         let registry = Epoll(epoll.0.try_clone()?);
         let epoll = sys::register_epoll(epoll)?;
         let max_flows = udp.max_flows.div_ceil(self.tasks.max(1));
+        let metrics = self.shared.metrics.udp(&self.name);
         let mut flows = Flows {
             name: Arc::clone(&self.name),
             shared: Arc::clone(&self.shared),
@@ -270,7 +273,8 @@ impl UdpLoop {
                 max_flows,
             ),
             upstreams: Upstreams::new(registry, max_flows.div_ceil(FLOWS_PER_SPARE)),
-            metrics: self.shared.metrics.udp(&self.name),
+            spares_gauge: GaugeShare::new(metrics.upstream_sockets_spare.clone()),
+            metrics,
             tally: Tally::default(),
             draining: false,
             last_socket_warning: None,
@@ -352,16 +356,13 @@ impl UdpLoop {
                 }
             }
             flows.tally.flush(&flows.metrics);
-            flows
-                .metrics
-                .upstream_sockets_spare
-                .set(flows.upstreams.spares() as i64);
+            flows.spares_gauge.publish(flows.upstreams.spares() as i64);
         }
         for (client, flow) in flows.table.drain() {
             flows.end(client, flow, FlowEnd::Shutdown);
         }
         flows.upstreams.close_spares();
-        flows.metrics.upstream_sockets_spare.set(0);
+        flows.spares_gauge.publish(0);
         flows.tally.flush(&flows.metrics);
         Ok(())
     }

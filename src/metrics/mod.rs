@@ -18,7 +18,7 @@ mod udp;
 
 pub use forget::Removed;
 use udp::UdpFamilies;
-pub use udp::UdpMetrics;
+pub use udp::{GaugeShare, UdpMetrics};
 
 /// The registry and metric families of one running balancer.
 #[derive(Debug, Clone)]

@@ -1,4 +1,5 @@
-//! The UDP metric families and the handles of one UDP listener.
+//! The UDP metric families, the handles of one UDP listener, and [`GaugeShare`], through
+//! which each task of a listener publishes its part of a gauge they share.
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry};
 
@@ -53,6 +54,39 @@ impl UdpMetrics {
 
     pub fn dropped(&self, reason: DropReason) -> &IntCounter {
         &self.dropped[reason as usize]
+    }
+}
+
+/// One task's part of a gauge that several tasks add up to (a listener's tasks with
+/// `reuse_port`): each publishes the change since its last publish, so none overwrites
+/// another's part, and its remainder is taken off when the share is dropped (the task
+/// ended, however it ended).
+#[derive(Debug)]
+pub struct GaugeShare {
+    gauge: IntGauge,
+    published: i64,
+}
+
+impl GaugeShare {
+    pub fn new(gauge: IntGauge) -> GaugeShare {
+        GaugeShare {
+            gauge,
+            published: 0,
+        }
+    }
+
+    /// Makes this task's part `value`.
+    pub fn publish(&mut self, value: i64) {
+        if value != self.published {
+            self.gauge.add(value - self.published);
+            self.published = value;
+        }
+    }
+}
+
+impl Drop for GaugeShare {
+    fn drop(&mut self) {
+        self.publish(0);
     }
 }
 
@@ -139,5 +173,28 @@ impl UdpFamilies {
                 listener,
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gauge_shares_add_up_and_leave_with_their_task() {
+        let gauge = IntGauge::new("spare", "test").expect("gauge");
+        let mut a = GaugeShare::new(gauge.clone());
+        let mut b = GaugeShare::new(gauge.clone());
+        a.publish(3);
+        b.publish(2);
+        assert_eq!(gauge.get(), 5);
+        a.publish(1);
+        assert_eq!(gauge.get(), 3, "a's change, b's part kept");
+        a.publish(1);
+        assert_eq!(gauge.get(), 3);
+        drop(b);
+        assert_eq!(gauge.get(), 1, "b ended: its part is gone, a's stays");
+        drop(a);
+        assert_eq!(gauge.get(), 0);
     }
 }
