@@ -174,12 +174,25 @@ async fn query_once(socket: &UdpSocket, to: SocketAddr, msg: &[u8]) -> Vec<u8> {
     buf
 }
 
+/// Waits a moment for a datagram that should never come, and fails if one does. Bounded:
+/// a datagram that was wrongly forwarded arrives within it, even on a loaded machine, and
+/// a quiet socket passes whatever the load.
+async fn expect_nothing_more(socket: &UdpSocket, what: &str) {
+    let mut buf = [0u8; 256];
+    if let Ok(got) = tokio::time::timeout(Duration::from_millis(300), socket.recv(&mut buf)).await {
+        let n = got.expect("recv");
+        panic!(
+            "the client of {what} got {:?} after its reply",
+            String::from_utf8_lossy(&buf[..n])
+        );
+    }
+}
+
 const FLOWS_ACTIVE: &str = "switchyard_udp_flows_active";
 const FLOWS_CREATED: &str = "switchyard_udp_flows_created_total";
 const FLOWS_EXPIRED: &str = "switchyard_udp_flows_expired_total";
 const DROPPED: &str = "switchyard_udp_datagrams_dropped_total";
 const SOCKETS_REUSED: &str = "switchyard_udp_upstream_sockets_reused_total";
-const SOCKETS_SPARE: &str = "switchyard_udp_upstream_sockets_spare";
 
 /// Deterministic bytes for client `c`, message `i`, of `len` bytes.
 fn payload(c: usize, i: usize, len: usize) -> Vec<u8> {
@@ -271,21 +284,13 @@ async fn responses_one_ends_the_flow_after_the_first_reply() {
     ))
     .await;
     let socket = client().await;
-    let mut buf = [0u8; 64];
     for i in 0..3 {
         let msg = format!("q{i}");
         let got = query_once(&socket, lb.addr("l"), msg.as_bytes()).await;
         assert_eq!(got, format!("first:{msg}").as_bytes());
         wait_counter(&lb, FLOWS_EXPIRED, &[("reason", "responses")], i + 1).await;
-        // The flow ended as it forwarded the first reply: a second one forwarded with it
-        // would already be waiting here.
-        match socket.try_recv(&mut buf) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            other => panic!(
-                "a second reply was forwarded: {other:?} {:?}",
-                String::from_utf8_lossy(&buf)
-            ),
-        }
+        // The flow ended as it forwarded the first reply: the second is not passed on.
+        expect_nothing_more(&socket, &msg).await;
     }
     assert_eq!(lb.counter(FLOWS_CREATED, &[]), 3);
     assert_eq!(lb.counter(FLOWS_ACTIVE, &[]), 0);
@@ -326,9 +331,11 @@ async fn short_flows_reuse_upstream_sockets_and_each_reply_matches_its_query() {
     wait_counter(&lb, FLOWS_EXPIRED, &[("reason", "responses")], queries).await;
     let created = lb.counter(FLOWS_CREATED, &[]);
     assert!(created >= queries, "one flow per query");
-    assert!(lb.counter(SOCKETS_REUSED, &[]) <= created);
-    // The last flows' sockets rest as spares.
-    wait_counter(&lb, SOCKETS_SPARE, &[], 1).await;
+    let reused = lb.counter(SOCKETS_REUSED, &[]);
+    assert!(
+        (100..created).contains(&reused),
+        "{reused} of {created} flows on a spare: the first one cannot be"
+    );
     assert_eq!(lb.counter(FLOWS_ACTIVE, &[]), 0);
 }
 
@@ -365,17 +372,8 @@ async fn a_late_reply_after_the_flow_ended_never_reaches_the_next_client() {
         "later flows took the sockets of earlier ones"
     );
     // Every late reply was dropped, none passed on: no client holds anything more.
-    let mut buf = [0u8; 64];
     for (socket, msg) in &clients {
-        if let Ok(got) =
-            tokio::time::timeout(Duration::from_millis(100), socket.recv(&mut buf)).await
-        {
-            let n = got.expect("recv");
-            panic!(
-                "the client of {msg} got {:?} after its reply",
-                String::from_utf8_lossy(&buf[..n])
-            );
-        }
+        expect_nothing_more(socket, msg).await;
     }
 }
 
