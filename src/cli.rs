@@ -91,13 +91,18 @@ pub fn summary(config: &Config) -> String {
             let u = &l.udp;
             let _ = writeln!(
                 out,
-                "  {:<16} {:<24} -> pool {} (udp, idle_timeout {}, responses {}, max_flows {}{})",
+                "  {:<16} {:<24} -> pool {} (udp, idle_timeout {}, responses {}, max_flows {}{}{})",
                 l.name,
                 l.bind.to_string(),
                 l.pool,
                 humantime::format_duration(u.idle_timeout),
                 u.responses.map_or("-".to_string(), |n| n.to_string()),
                 u.max_flows,
+                if u.responses.is_some() {
+                    format!(", reuse_upstream_sockets {}", u.reuse_upstream_sockets)
+                } else {
+                    String::new()
+                },
                 if l.reuse_port {
                     format!(", reuse_port x{}", l.accept_tasks)
                 } else {

@@ -46,7 +46,7 @@ fn check_accepts_the_example_config_and_prints_a_summary() {
         "{stdout}"
     );
     assert!(
-        stdout.contains("-> pool dns (udp, idle_timeout 30s, responses 1, max_flows 100000)"),
+        stdout.contains("-> pool dns (udp, idle_timeout 30s, responses 1, max_flows 100000, reuse_upstream_sockets true)"),
         "{stdout}"
     );
     assert!(stdout.contains("127.0.0.1:8002 weight 2"), "{stdout}");

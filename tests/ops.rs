@@ -689,6 +689,7 @@ async fn status_and_backend_bytes_count_udp_flows() {
     assert_eq!(u["max_flows"], 1);
     assert_eq!(u["idle_timeout_seconds"], 30.0);
     assert!(u["responses"].is_null());
+    assert_eq!(u["reuse_upstream_sockets"], false, "none without responses");
     assert_eq!(u["flows"]["active"], 1, "{u}");
     assert_eq!(u["flows"]["created"], 1, "{u}");
     assert_eq!(u["flows"]["expired"]["idle_timeout"], 0, "{u}");

@@ -2,8 +2,9 @@
 //! through the balancer by a real client, datagram-exact echo with many clients, idle
 //! expiry, `responses`, `max_flows`, failover (backend down, maint, ICMP port unreachable;
 //! drain keeps flows), the fallback pool, Maglev stickiness per client address and port,
-//! the access log record of a flow, and upstream sockets reused by short flows without a
-//! late reply ever reaching another client.
+//! the access log record of a flow, and upstream sockets reused by short flows: what a late
+//! reply does with reuse (dropped while the socket rests; passed to the next flow of the
+//! socket once it holds it) and without it (never passed to a later client).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -31,6 +32,10 @@ enum Reply {
     Twice,
     /// `first:` + bytes, then `late:` + bytes after a delay.
     TwiceLate(Duration),
+    /// `first:` + bytes; a datagram starting with `late` is owed `late:` + bytes too, sent
+    /// just before the answer to the next datagram (from any client), so it is in flight
+    /// while the next flow waits for its own reply.
+    LateOnNext,
 }
 
 /// A UDP backend on 127.0.0.1:0.
@@ -48,6 +53,7 @@ impl UdpBackend {
         let task = tokio::spawn(async move {
             let mut buf = vec![0u8; 65536];
             let mut out = Vec::with_capacity(65536 + 16);
+            let mut owed: Vec<(Vec<u8>, SocketAddr)> = Vec::new();
             loop {
                 let Ok((n, from)) = socket.recv_from(&mut buf).await else {
                     continue;
@@ -81,6 +87,16 @@ impl UdpBackend {
                             tokio::time::sleep(delay).await;
                             let _ = socket.send_to(&late, from).await;
                         });
+                    }
+                    Reply::LateOnNext => {
+                        for (late, to) in owed.drain(..) {
+                            let _ = socket.send_to(&late, to).await;
+                        }
+                        let msg = &buf[..n];
+                        let _ = socket.send_to(&[b"first:", msg].concat(), from).await;
+                        if msg.starts_with(b"late") {
+                            owed.push(([b"late:", msg].concat(), from));
+                        }
                     }
                 }
             }
@@ -193,6 +209,7 @@ const FLOWS_CREATED: &str = "switchyard_udp_flows_created_total";
 const FLOWS_EXPIRED: &str = "switchyard_udp_flows_expired_total";
 const DROPPED: &str = "switchyard_udp_datagrams_dropped_total";
 const SOCKETS_REUSED: &str = "switchyard_udp_upstream_sockets_reused_total";
+const SOCKETS_SPARE: &str = "switchyard_udp_upstream_sockets_spare";
 
 /// Deterministic bytes for client `c`, message `i`, of `len` bytes.
 fn payload(c: usize, i: usize, len: usize) -> Vec<u8> {
@@ -340,7 +357,7 @@ async fn short_flows_reuse_upstream_sockets_and_each_reply_matches_its_query() {
 }
 
 #[tokio::test]
-async fn a_late_reply_after_the_flow_ended_never_reaches_the_next_client() {
+async fn a_late_reply_reaching_a_spare_socket_is_dropped() {
     let backend = UdpBackend::start("b", Reply::TwiceLate(Duration::from_millis(100))).await;
     let lb = Balancer::start(&udp_config(
         "      idle_timeout: 30s\n      responses: 1\n",
@@ -354,7 +371,8 @@ async fn a_late_reply_after_the_flow_ended_never_reaches_the_next_client() {
     let mut clients = Vec::new();
     for i in 0..ROUNDS {
         // Each client's flow ends with its first reply; the backend's late second reply then
-        // reaches the flow's socket while it rests as a spare, and is dropped there.
+        // reaches the flow's socket while it is a spare (rested, but no flow took it yet: the
+        // next one starts only once the drop is counted), and is dropped there.
         let socket = client().await;
         let msg = format!("q{i}");
         assert_eq!(
@@ -372,6 +390,86 @@ async fn a_late_reply_after_the_flow_ended_never_reaches_the_next_client() {
         "later flows took the sockets of earlier ones"
     );
     // Every late reply was dropped, none passed on: no client holds anything more.
+    for (socket, msg) in &clients {
+        expect_nothing_more(socket, msg).await;
+    }
+}
+
+/// One flow that is owed a late reply, then, once its socket has rested, a second flow to
+/// the same backend that waits for its own reply while the late one is sent (see
+/// [`Reply::LateOnNext`]). Returns the first datagram the second client got, whether the
+/// second flow took the first one's socket, and both clients.
+async fn late_reply_in_flight(
+    lb: &Balancer,
+    round: u64,
+) -> (String, bool, [(UdpSocket, String); 2]) {
+    let to = lb.addr("l");
+    let ended = [("reason", "responses")];
+    let first = client().await;
+    let asked = format!("late{round}");
+    let got = query_once(&first, to, asked.as_bytes()).await;
+    assert_eq!(String::from_utf8_lossy(&got), format!("first:{asked}"));
+    wait_counter(lb, FLOWS_EXPIRED, &ended, 2 * round + 1).await;
+    tokio::time::sleep(2 * Duration::from_millis(switchyard::udp::spare::REST_MS)).await;
+    let reused = lb.counter(SOCKETS_REUSED, &[]);
+    let second = client().await;
+    let next = format!("next{round}");
+    let got = query_once(&second, to, next.as_bytes()).await;
+    // Counted when the flow started, before its reply came.
+    let took = lb.counter(SOCKETS_REUSED, &[]) > reused;
+    wait_counter(lb, FLOWS_EXPIRED, &ended, 2 * round + 2).await;
+    (
+        String::from_utf8_lossy(&got).into_owned(),
+        took,
+        [(first, asked), (second, next)],
+    )
+}
+
+#[tokio::test]
+async fn with_socket_reuse_a_late_reply_can_reach_the_next_flow_of_its_socket() {
+    let backend = UdpBackend::start("b", Reply::LateOnNext).await;
+    let lb = Balancer::start(&udp_config(
+        "      idle_timeout: 30s\n      responses: 1\n",
+        "",
+        &[backend.addr],
+    ))
+    .await;
+    // The trade-off reuse makes, and the reason for `reuse_upstream_sockets: false`: a late
+    // reply that comes after the rest, once another flow holds the socket, is that flow's.
+    // The second flow takes the first one's socket, unless a stall of a second let the spare
+    // be closed meanwhile (it then opens one, or takes an older spare).
+    for round in 0..10 {
+        let (got, took, _) = late_reply_in_flight(&lb, round).await;
+        if got == format!("late:late{round}") {
+            assert!(took, "only through a reused socket");
+            return;
+        }
+        assert_eq!(got, format!("first:next{round}"), "its own reply otherwise");
+    }
+    panic!("the second flow never took the first one's socket in 10 rounds");
+}
+
+#[tokio::test]
+async fn without_socket_reuse_a_late_reply_never_reaches_a_later_client() {
+    let backend = UdpBackend::start("b", Reply::LateOnNext).await;
+    let lb = Balancer::start(&udp_config(
+        "      idle_timeout: 30s\n      responses: 1\n      reuse_upstream_sockets: false\n",
+        "",
+        &[backend.addr],
+    ))
+    .await;
+    let mut clients = Vec::new();
+    for round in 0..5 {
+        let (got, took, pair) = late_reply_in_flight(&lb, round).await;
+        assert!(!took, "round {round}: a socket was reused");
+        assert_eq!(got, format!("first:next{round}"), "its own reply, first");
+        clients.extend(pair);
+    }
+    assert_eq!(lb.counter(SOCKETS_REUSED, &[]), 0);
+    assert_eq!(lb.counter(SOCKETS_SPARE, &[]), 0, "no spare kept");
+    assert_eq!(lb.counter(FLOWS_CREATED, &[]), 10, "a flow per query");
+    // Each late reply was sent before the reply of the flow after it, to a socket closed
+    // when its flow ended: no client got anything more.
     for (socket, msg) in &clients {
         expect_nothing_more(socket, msg).await;
     }

@@ -78,6 +78,8 @@ pub struct ListenerStatus {
 pub struct UdpStatus {
     pub idle_timeout_seconds: f64,
     pub responses: Option<u32>,
+    /// Flows that got their `responses` hand their upstream socket to later flows.
+    pub reuse_upstream_sockets: bool,
     pub max_flows: usize,
     pub flows: UdpFlows,
     pub datagrams: Datagrams,
@@ -328,6 +330,7 @@ fn udp_status(config: &UdpConfig, m: &UdpMetrics) -> UdpStatus {
     UdpStatus {
         idle_timeout_seconds: config.idle_timeout.as_secs_f64(),
         responses: config.responses,
+        reuse_upstream_sockets: config.responses.is_some() && config.reuse_upstream_sockets,
         max_flows: config.max_flows,
         flows: UdpFlows {
             active: m.flows_active.get(),

@@ -92,6 +92,7 @@ pub struct UdpSection {
     pub responses: Option<u32>,
     pub max_flows: Option<usize>,
     pub batch: Option<usize>,
+    pub reuse_upstream_sockets: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -1,5 +1,6 @@
 //! The listener's transport (`protocol: tcp | udp`) and the `udp:` section of a UDP listener:
-//! flow idle timeout, expected responses per datagram, the flow cap and the syscall batch.
+//! flow idle timeout, expected responses per datagram, whether flows that got them hand
+//! their upstream socket on, the flow cap and the syscall batch.
 //! (`reuse_port` / `accept_tasks` apply to both: one socket and flow table per task.)
 //! Keys that only make sense for the other protocol are rejected with a pointer to the right
 //! one, so a config never carries settings that silently do nothing.
@@ -50,6 +51,10 @@ pub struct UdpConfig {
     pub max_flows: usize,
     /// Datagrams moved per recvmmsg/sendmmsg call; 1 uses plain recvfrom/sendto.
     pub batch: usize,
+    /// A flow that got its `responses` leaves its upstream socket, after a rest, to a later
+    /// flow to the same backend (`udp::upstream` says what that guarantees); false: every
+    /// flow closes its socket at its end.
+    pub reuse_upstream_sockets: bool,
 }
 
 impl Default for UdpConfig {
@@ -59,6 +64,7 @@ impl Default for UdpConfig {
             responses: None,
             max_flows: DEFAULT_MAX_FLOWS,
             batch: DEFAULT_UDP_BATCH,
+            reuse_upstream_sockets: true,
         }
     }
 }
@@ -127,6 +133,12 @@ pub(super) fn validate(
             format!("{batch} is out of range, expected 1 to {MAX_UDP_BATCH}"),
         ));
     }
+    if u.reuse_upstream_sockets.is_some() && u.responses.is_none() {
+        return Err(ctx.error(
+            &format!("{path}.udp.reuse_upstream_sockets"),
+            "applies only with udp.responses: without it flows end only when idle, and close their socket",
+        ));
+    }
     Ok((
         protocol,
         UdpConfig {
@@ -134,6 +146,7 @@ pub(super) fn validate(
             responses: u.responses,
             max_flows,
             batch,
+            reuse_upstream_sockets: u.reuse_upstream_sockets.unwrap_or(true),
         },
     ))
 }
@@ -179,7 +192,34 @@ pools:
         assert_eq!(l.udp.responses, Some(1));
         assert_eq!(l.udp.max_flows, 100);
         assert_eq!(l.udp.batch, super::DEFAULT_UDP_BATCH);
+        assert!(l.udp.reuse_upstream_sockets, "on by default");
         assert_eq!(c.listeners[1].protocol, Protocol::Tcp);
+    }
+
+    #[test]
+    fn reuse_upstream_sockets_can_be_turned_off_with_responses_only() {
+        let off = UDP.replace(
+            "responses: 1",
+            "responses: 1\n      reuse_upstream_sockets: false",
+        );
+        let c = Config::from_yaml(&off, "config.yaml").expect("valid");
+        assert!(!c.listeners[0].udp.reuse_upstream_sockets);
+        for value in ["true", "false"] {
+            let e = err(&UDP.replace("responses: 1", &format!("reuse_upstream_sockets: {value}")));
+            assert_eq!(
+                e,
+                "config.yaml:8:31: listeners[0].udp.reuse_upstream_sockets: applies only with udp.responses: without it flows end only when idle, and close their socket",
+                "{value}"
+            );
+        }
+        let e = err(&UDP.replace(
+            "responses: 1",
+            "responses: 1\n      reuse_upstream_sockets: 0",
+        ));
+        assert!(
+            e.starts_with("config.yaml:9:31: listeners[0].udp.reuse_upstream_sockets:"),
+            "not a bool: {e}"
+        );
     }
 
     #[test]

@@ -7,10 +7,11 @@
 //! Upstream sockets are not registered with the runtime one by one: they sit in an epoll
 //! set of their own, whose descriptor the runtime watches, so a single task serves every
 //! flow without waking per socket. A flow that ended cleanly (`responses`) gives its socket
-//! back as a spare for a later flow to the same backend (`udp::upstream`), so short flows
-//! such as DNS queries do not each open and close one. Datagrams move in batches
-//! (`udp::sys`), grouped per flow, into buffers allocated once; a datagram costs no
-//! allocation.
+//! back as a spare for a later flow to the same backend (`udp::upstream`, which says what
+//! that guarantees about late replies), so short flows such as DNS queries do not each open
+//! and close one; with `udp.reuse_upstream_sockets: false` every flow closes its socket.
+//! Datagrams move in batches (`udp::sys`), grouped per flow, into buffers allocated once; a
+//! datagram costs no allocation.
 //!
 //! Health is shared with TCP: a flow whose backend went down or into maint moves to another
 //! backend on its next datagram (a draining backend keeps its flows, as it keeps its TCP
@@ -237,6 +238,9 @@ struct Flows {
     /// This task's part of the listener's spare-socket gauge.
     spares_gauge: GaugeShare,
     tally: Tally,
+    /// `udp.reuse_upstream_sockets`: flows that got their `responses` leave their socket as a
+    /// spare.
+    reuse_sockets: bool,
     draining: bool,
     last_socket_warning: Option<Instant>,
     access_log: AccessLog,
@@ -276,6 +280,7 @@ impl UdpLoop {
             spares_gauge: GaugeShare::new(metrics.upstream_sockets_spare.clone()),
             metrics,
             tally: Tally::default(),
+            reuse_sockets: udp.reuse_upstream_sockets,
             draining: false,
             last_socket_warning: None,
             access_log: self.access_log.clone(),
@@ -808,9 +813,11 @@ impl Flows {
     }
 
     /// Counts and logs a flow that has left the table, and takes its socket back: kept as a
-    /// spare when every expected reply came (and the balancer is not stopping), else closed.
+    /// spare when every expected reply came (and sockets are reused, and the balancer is not
+    /// stopping), else closed.
     fn end(&mut self, client: SocketAddr, flow: Flow, reason: FlowEnd) {
-        let reuse = reason == FlowEnd::Responses && !flow.refused && !self.draining;
+        let reuse =
+            self.reuse_sockets && reason == FlowEnd::Responses && !flow.refused && !self.draining;
         self.upstreams
             .release(flow.upstream, reuse, clock::now_ms());
         self.metrics.flows_active.dec();

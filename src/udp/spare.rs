@@ -1,9 +1,14 @@
 //! Spare upstream sockets, sans-io: per backend, a first-in first-out list of sockets whose
 //! flow ended cleanly (every expected reply came), waiting to serve another flow to the same
 //! backend. A spare rests [`REST_MS`] before it may be taken, so a reply that comes late
-//! (beyond `responses`) still finds it resting and is dropped rather than passed to the next
-//! flow's client; one resting [`MAX_REST_MS`] unused is handed back to be closed, so idle
-//! spares do not hold descriptors after a burst. The lists together hold at most `cap`.
+//! (beyond `responses`) but within the rest finds no flow on the socket and is dropped; one
+//! resting [`MAX_REST_MS`] unused is handed back to be closed, so idle spares do not hold
+//! descriptors after a burst. The lists together hold at most `cap`.
+//!
+//! The rest bounds the risk of reuse, it does not remove it: a reply later than the rest may
+//! find the socket lent to another flow and reach that flow's client (`udp::upstream` says
+//! exactly what is dropped). Listeners that cannot take that risk keep no spares
+//! (`udp.reuse_upstream_sockets: false`).
 //!
 //! Time is injected and the items are the caller's (socket handles): this module does no
 //! I/O. Which flows may give their socket back, and draining a spare before reuse, are the

@@ -1,18 +1,30 @@
 //! The upstream sockets of one UDP listener task: each is connected to one backend and sits
 //! in the task's epoll set from when it is opened until it is closed. A flow borrows one; when
-//! the flow ends cleanly (every expected reply came) the socket rests as a spare
-//! (`udp::spare`) and then serves a later flow to the same backend, still registered: a DNS
-//! query then costs no socket(2), connect(2), epoll_ctl(2) or close(2).
+//! the flow ends cleanly (every expected reply came) and the listener reuses sockets
+//! (`udp.reuse_upstream_sockets`), the socket rests as a spare (`udp::spare`) and then serves
+//! a later flow to the same backend, still registered: a DNS query then costs no socket(2),
+//! connect(2), epoll_ctl(2) or close(2). The epoll event of a socket carries its
+//! [`UpstreamId`], not a flow's, so lending it to another flow changes a field here rather
+//! than the registration.
 //!
-//! The epoll event of a socket carries its [`UpstreamId`], not a flow's, so lending it to
-//! another flow changes a field here rather than the registration. A datagram that reaches a
-//! spare has no flow to go to: it is dropped when the event comes. When a spare is taken,
-//! what is still queued on it is dropped too, so no reply of an ended flow that came while
-//! it rested is passed on; that costs a receive, skipped when the set has been swept (every
-//! ready socket reported, so every spare's queue emptied) since the spare finished resting:
-//! anything queued then came after its rest, which is the risk the rest already accepts.
-//! Flows that end by idleness, error, refusal, a backend going down or shutdown close their
-//! socket. What this module does not do: pick backends, or decide which flows may give their
+//! A late reply (a datagram the backend sends beyond `responses`, after the flow ended) looks
+//! like any other, so reuse guards against it by time and ownership only:
+//! - one that arrives while the socket is a spare and whose epoll event the task handles
+//!   before a flow takes the socket is dropped (counted as `extra_reply`);
+//! - one that arrives within the rest ([`REST_MS`] on the millisecond clock: at least 9 ms
+//!   after the flow ended) is always dropped: no flow takes a resting spare, and taking one
+//!   drops what is queued on it (one receive), unless a sweep of the set (every ready
+//!   socket reported and handled, so every spare emptied) ran after the rest ended and had
+//!   already dropped it;
+//! - one that arrives later can reach the socket once another flow holds it, or after that
+//!   sweep and before the taking: it is then passed to that flow's client as a reply.
+//!
+//! So a backend that sends no more than `responses` replies per datagram never has a reply
+//! passed to the wrong client; one that breaks that contract later than the rest can. With
+//! `udp.reuse_upstream_sockets: false` the listener releases no socket for reuse, and every
+//! socket closes at its flow's end: a late reply then meets a closed port. Flows that end by
+//! idleness, error, refusal, a backend going down or shutdown close their socket either
+//! way. What this module does not do: pick backends, or decide which flows may give their
 //! socket back (the listener, `listener::udp`).
 
 use std::io;
