@@ -779,6 +779,71 @@ async fn reload_refuses_a_udp_listener_on_the_address_of_one_it_removes() {
 }
 
 #[tokio::test]
+async fn reload_refuses_a_udp_listener_on_the_address_of_one_still_draining() {
+    let echo = udp_echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("switchyard.yaml");
+    let fixed = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let yaml = |listeners: &str| {
+        format!(
+            "listeners:\n{listeners}  - {{ name: other, bind: 127.0.0.1:0, protocol: udp, pool: p }}\npools:\n  - name: p\n    backends: [{{ name: e, address: \"{echo}\" }}]\n"
+        )
+    };
+    let on_fixed = |name: &str| {
+        format!("  - {{ name: {name}, bind: \"{fixed}\", protocol: udp, pool: p, udp: {{ idle_timeout: 5s }} }}\n")
+    };
+    write_file(&path, &yaml(&on_fixed("dns")));
+    let lb = Balancer::start_file(&path).await;
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    udp_round_trip(&client, fixed, b"before").await;
+
+    // Reload 1 removes dns; its flow goes on, so its socket stays bound.
+    write_file(&path, &yaml(""));
+    let changes = lb.control.reload().await.expect("removing dns");
+    assert_eq!(changes.removed, vec!["dns".to_string()]);
+    udp_round_trip(&client, fixed, b"still relayed").await;
+
+    // Reload 2, well within the flow's idle_timeout, puts a listener on that address.
+    write_file(&path, &yaml(&on_fixed("dns2")));
+    let e = lb
+        .control
+        .reload()
+        .await
+        .expect_err("a udp listener on a draining one's address")
+        .to_string();
+    assert!(
+        e.contains(&format!(
+            "listener \"dns2\": udp {fixed} is still served by listener \"dns\", which an earlier reload removed"
+        )),
+        "{e}"
+    );
+    assert!(e.contains("at most udp.idle_timeout (5s)"), "{e}");
+    assert!(lb.control.local_addr("dns2").is_none());
+
+    // Once the flow has been idle that long, dns's socket closes and the same reload passes.
+    let changes = within("dns to drain", async {
+        loop {
+            match lb.control.reload().await {
+                Ok(changes) => break changes,
+                Err(e) => {
+                    let e = e.to_string();
+                    assert!(e.contains("still served by listener \"dns\""), "{e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+            }
+        }
+    })
+    .await;
+    assert_eq!(changes.added, vec!["dns2".to_string()]);
+    assert_eq!(lb.control.local_addr("dns2"), Some(fixed));
+    let fresh = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    udp_round_trip(&fresh, fixed, b"new").await;
+}
+
+#[tokio::test]
 async fn access_log_records_connections_turned_away_at_max_connections() {
     let a = Backend::start("a").await;
     let dir = tempfile::tempdir().unwrap();

@@ -5,12 +5,14 @@
 //! they accepted go on. Owns the accept tasks; connections belong to the shared tracker.
 //! UDP listeners are kept when their name and address are unchanged; a removed one starts
 //! no new flow and ends once its open flows have (their loops are in the shared tracker),
-//! so a new one may not take its address in the same reload.
+//! so a new one may not take its address until then: not in the same reload, nor in a later
+//! one while the removed listener is still draining.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -127,6 +129,21 @@ struct UdpRunning {
     released: CancellationToken,
     /// Duplicates of the sockets, for handing them to a new process on upgrade.
     dups: Vec<std::net::UdpSocket>,
+    /// The loops' `udp.idle_timeout`.
+    idle_timeout: Duration,
+    /// Alive while any of its loops runs (each holds the `Arc`), so while its sockets are
+    /// bound.
+    loops: Weak<()>,
+}
+
+/// A UDP listener a reload removed, whose loops still relay their open flows: its sockets
+/// stay bound to `bind` until the last loop ends.
+struct UdpDraining {
+    name: String,
+    bind: SocketAddr,
+    local: SocketAddr,
+    idle_timeout: Duration,
+    loops: Weak<()>,
 }
 
 /// One listener that is accepting.
@@ -164,6 +181,8 @@ pub struct ListenerSet {
     access_log: AccessLog,
     running: HashMap<String, Running>,
     udp: HashMap<String, UdpRunning>,
+    /// Removed UDP listeners whose loops have not ended yet.
+    udp_draining: Vec<UdpDraining>,
 }
 
 impl ListenerSet {
@@ -180,6 +199,7 @@ impl ListenerSet {
             access_log,
             running: HashMap::new(),
             udp: HashMap::new(),
+            udp_draining: Vec::new(),
         }
     }
 
@@ -222,9 +242,12 @@ impl ListenerSet {
         let stop = CancellationToken::new();
         let released = CancellationToken::new();
         let tasks = bound.sockets.len();
+        let mut idle_timeout = Duration::ZERO;
         if let Some(route) = self.shared.snapshot().route(&bound.name) {
             udp::log_listening(&bound.name, route);
+            idle_timeout = route.config.udp.idle_timeout;
         }
+        let loops = Arc::new(());
         for socket in bound.sockets {
             // Tracked like connections: at shutdown they stop starting flows and end once
             // their open flows have, or when the grace period is over.
@@ -238,6 +261,7 @@ impl ListenerSet {
                     close_all: self.close_all.clone(),
                     released: released.clone(),
                     access_log: self.access_log.clone(),
+                    running: Arc::clone(&loops),
                 }
                 .run(),
             );
@@ -250,6 +274,8 @@ impl ListenerSet {
                 stop,
                 released,
                 dups: bound.dups,
+                idle_timeout,
+                loops: Arc::downgrade(&loops),
             },
         );
     }
@@ -423,6 +449,7 @@ impl ListenerSet {
             .filter(|l| self.udp.get(&l.name).is_some_and(|r| r.bind == l.bind))
             .map(|l| l.name.clone())
             .collect();
+        self.udp_draining.retain(|d| d.loops.strong_count() > 0);
         for l in udp_wanted.values() {
             if !udp_kept.contains(&l.name) {
                 self.check_udp_address_free(l, &udp_kept)?;
@@ -485,6 +512,13 @@ impl ListenerSet {
             if let Some(r) = self.udp.remove(&name) {
                 r.stop.cancel();
                 info!(listener = %name, bind = %r.bind, "udp listener removed; no new flows, open flows go on");
+                self.udp_draining.push(UdpDraining {
+                    name: name.clone(),
+                    bind: r.bind,
+                    local: r.local,
+                    idle_timeout: r.idle_timeout,
+                    loops: r.loops,
+                });
                 if !udp_wanted.contains_key(name.as_str()) {
                     changes.removed.push(name);
                 }
@@ -546,10 +580,10 @@ impl ListenerSet {
     }
 
     /// Refuses a new UDP listener on the address of one this reload removes (a rename, or a
-    /// move to an address another listener vacates). The removed listener's socket stays
-    /// open until its flows have ended, and with both bound the kernel spreads clients over
-    /// the two: new clients landing on the old socket would be dropped for up to its
-    /// `idle_timeout`.
+    /// move to an address another listener vacates), or of one an earlier reload removed
+    /// whose flows have not all ended. A removed listener's socket stays open until its
+    /// flows have ended, and with both bound the kernel spreads clients over the two: new
+    /// clients landing on the old socket would be dropped for up to its `idle_timeout`.
     fn check_udp_address_free(
         &self,
         new: &ListenerConfig,
@@ -558,10 +592,29 @@ impl ListenerSet {
         if new.bind.port() == 0 {
             return Ok(());
         }
+        let on_address =
+            |bind: SocketAddr, local: SocketAddr| bind == new.bind || local == new.bind;
+        let draining = self
+            .udp_draining
+            .iter()
+            .find(|d| d.loops.strong_count() > 0 && on_address(d.bind, d.local));
+        if let Some(d) = draining {
+            anyhow::bail!(
+                "listener \"{}\": udp {} is still served by listener \"{}\", which an earlier reload \
+                 removed and which still relays its open flows; its socket closes once they have \
+                 ended, at most udp.idle_timeout ({}) after each one's last datagram: add \"{}\" \
+                 after that",
+                new.name,
+                new.bind,
+                d.name,
+                humantime::format_duration(d.idle_timeout),
+                new.name
+            );
+        }
         let leaving = self
             .udp
             .iter()
-            .find(|(name, r)| !kept.contains(*name) && (r.bind == new.bind || r.local == new.bind));
+            .find(|(name, r)| !kept.contains(*name) && on_address(r.bind, r.local));
         if let Some((old, _)) = leaving {
             anyhow::bail!(
                 "listener \"{}\": udp {} is still served by listener \"{old}\", which this reload removes; \

@@ -104,6 +104,9 @@ pub struct UdpLoop {
     pub released: CancellationToken,
     /// One record per flow at its end, written off the data path.
     pub access_log: AccessLog,
+    /// Held until the loop has ended and closed its socket: the listener set knows a
+    /// removed listener's address is free once no loop holds it.
+    pub running: Arc<()>,
 }
 
 /// One client's flow.
