@@ -455,25 +455,31 @@ async fn read_more(
     if room == 0 {
         return Err(ReadFail::Full);
     }
-    let mut chunk = [0u8; 4096];
-    let want = room.min(chunk.len());
+    // Read straight into `buf`: a chunk array here would live in every connection's future
+    // (the task's size is its largest state), idle or not.
+    let want = room.min(READ_CHUNK);
+    let filled = buf.len();
     loop {
         match tokio::time::timeout_at(deadline, stream.readable()).await {
             Err(_) => return Err(ReadFail::Timeout),
             Ok(Err(_)) => return Err(ReadFail::Closed),
             Ok(Ok(())) => {}
         }
-        match stream.try_read(&mut chunk[..want]) {
+        buf.resize(filled + want, 0);
+        let read = stream.try_read(&mut buf[filled..]);
+        let got = read.as_ref().map_or(0, |&n| n);
+        buf.truncate(filled + got);
+        match read {
             Ok(0) => return Err(ReadFail::Closed),
-            Ok(n) => {
-                buf.extend_from_slice(&chunk[..n]);
-                return Ok(());
-            }
+            Ok(_) => return Ok(()),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(_) => return Err(ReadFail::Closed),
         }
     }
 }
+
+/// The most one read of the routing step takes.
+const READ_CHUNK: usize = 4096;
 
 /// Writes all of `bytes` before `deadline`.
 async fn write_all(
