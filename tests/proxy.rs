@@ -440,21 +440,27 @@ pools:
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn untrusted_peers_are_screened_without_delaying_a_backend_that_speaks_first() {
+/// A listener that trusts PROXY headers from 127.0.0.2 only (header `timeout` as given), in
+/// front of a backend that greets first and then echoes.
+async fn greeter_behind_screening_listener(timeout: &str) -> (Balancer, Backend) {
     let backend = Backend::start("greeter").await;
     let yaml = format!(
         "listeners:
   - name: l
     bind: 127.0.0.1:0
     pool: p
-    accept_proxy_protocol: {{ from: [127.0.0.2/32], timeout: 5s }}
+    accept_proxy_protocol: {{ from: [127.0.0.2/32], timeout: {timeout} }}
 pools:
   - {{ name: p, backends: [{{ address: \"{}\" }}] }}
 ",
         backend.addr
     );
-    let lb = Balancer::start(&yaml).await;
+    (Balancer::start(&yaml).await, backend)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untrusted_peers_are_screened_without_delaying_a_backend_that_speaks_first() {
+    let (lb, _backend) = greeter_behind_screening_listener("5s").await;
     // The backend greets a client that has sent nothing (as MySQL and SMTP servers do)...
     let s = connect_from("127.0.0.3", lb.addr("l")).await;
     let (greeting, mut s) = greet(s).await;
@@ -487,19 +493,7 @@ pools:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pause_inside_an_untrusted_signature_closes_instead_of_forwarding() {
-    let backend = Backend::start("greeter").await;
-    let yaml = format!(
-        "listeners:
-  - name: l
-    bind: 127.0.0.1:0
-    pool: p
-    accept_proxy_protocol: {{ from: [127.0.0.2/32], timeout: 300ms }}
-pools:
-  - {{ name: p, backends: [{{ address: \"{}\" }}] }}
-",
-        backend.addr
-    );
-    let lb = Balancer::start(&yaml).await;
+    let (lb, _backend) = greeter_behind_screening_listener("300ms").await;
     let s = connect_from("127.0.0.3", lb.addr("l")).await;
     let (greeting, mut s) = greet(s).await;
     assert_eq!(greeting, "greeter");
