@@ -25,6 +25,16 @@ fn write_config(text: &str) -> tempfile::NamedTempFile {
     f
 }
 
+/// Runs `switchyard check -c path`.
+fn check_file(path: &std::path::Path) -> std::process::Output {
+    switchyard()
+        .arg("check")
+        .arg("-c")
+        .arg(path)
+        .output()
+        .expect("run")
+}
+
 #[test]
 fn check_accepts_the_example_config_and_prints_a_summary() {
     let out = switchyard()
@@ -127,21 +137,11 @@ fn check_rejects_each_bad_config_with_file_line_column_and_key() {
         ),
     ];
     let valid = write_config(VALID);
-    let out = switchyard()
-        .arg("check")
-        .arg("-c")
-        .arg(valid.path())
-        .output()
-        .expect("run");
+    let out = check_file(valid.path());
     assert!(out.status.success(), "the base config is valid: {out:?}");
     for (case, text, expected) in cases {
         let f = write_config(&text);
-        let out = switchyard()
-            .arg("check")
-            .arg("-c")
-            .arg(f.path())
-            .output()
-            .expect("run");
+        let out = check_file(f.path());
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{case}: {stderr}");
         assert_eq!(
@@ -158,12 +158,7 @@ fn check_notes_checks_without_the_header_their_listener_sends() {
     let f = write_config(
         "listeners:\n  - {name: a, bind: 127.0.0.1:7000, pool: p, proxy_protocol: v1}\npools:\n  - name: p\n    health_check: {type: tcp}\n    backends: [{address: 127.0.0.1:1}]\n  - name: q\n    health_check: {type: tcp, proxy_protocol: v2}\n    backends: [{address: 127.0.0.1:2}]\n",
     );
-    let out = switchyard()
-        .arg("check")
-        .arg("-c")
-        .arg(f.path())
-        .output()
-        .expect("run");
+    let out = check_file(f.path());
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert!(
@@ -182,12 +177,7 @@ fn check_notes_a_hash_key_that_only_maglev_uses() {
     let f = write_config(
         "listeners:\n  - {name: a, bind: 127.0.0.1:7000, pool: p}\npools:\n  - name: p\n    balance: round_robin\n    hash_key: client_ip\n    backends: [{address: 127.0.0.1:1}]\n",
     );
-    let out = switchyard()
-        .arg("check")
-        .arg("-c")
-        .arg(f.path())
-        .output()
-        .expect("run");
+    let out = check_file(f.path());
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert!(

@@ -239,15 +239,7 @@ async fn refused_connect_is_retried_on_another_backend_invisibly() {
     ))
     .await;
     for _ in 0..10 {
-        let (name, mut stream) =
-            greet(TcpStream::connect(lb.addr("l")).await.expect("connect")).await;
-        assert_eq!(name, "live");
-        stream.write_all(b"ping").await.expect("write");
-        let mut buf = [0u8; 4];
-        within("echo", stream.read_exact(&mut buf))
-            .await
-            .expect("echo");
-        assert_eq!(&buf, b"ping");
+        assert_eq!(echo_round_trip(lb.addr("l")).await, "live");
     }
     let dead_name = dead.to_string();
     assert!(
@@ -306,15 +298,7 @@ async fn connect_timeout_is_retried_on_another_backend() {
     ))
     .await;
     for _ in 0..4 {
-        let (name, mut stream) =
-            greet(TcpStream::connect(lb.addr("l")).await.expect("connect")).await;
-        assert_eq!(name, "live");
-        stream.write_all(b"ping").await.expect("write");
-        let mut buf = [0u8; 4];
-        within("echo", stream.read_exact(&mut buf))
-            .await
-            .expect("echo");
-        assert_eq!(&buf, b"ping");
+        assert_eq!(echo_round_trip(lb.addr("l")).await, "live");
     }
     // Round robin tries the stalled backend first for every other connection.
     assert!(
@@ -598,4 +582,17 @@ async fn reuse_port_listener_with_several_accept_tasks() {
     for _ in 0..20 {
         assert_eq!(backend_of(lb.addr("l")).await, "a");
     }
+}
+
+/// Connects through `addr`, checks a 4-byte echo comes back intact, and returns the name of
+/// the backend that greeted.
+async fn echo_round_trip(addr: std::net::SocketAddr) -> String {
+    let (name, mut stream) = greet(TcpStream::connect(addr).await.expect("connect")).await;
+    stream.write_all(b"ping").await.expect("write");
+    let mut buf = [0u8; 4];
+    within("echo", stream.read_exact(&mut buf))
+        .await
+        .expect("echo");
+    assert_eq!(&buf, b"ping");
+    name
 }
