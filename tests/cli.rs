@@ -225,10 +225,6 @@ fn wait_with_log(mut child: std::process::Child) -> (std::process::ExitStatus, S
     (status, log)
 }
 
-fn free_port() -> std::net::SocketAddr {
-    refused_addr()
-}
-
 async fn wait_listening(addr: std::net::SocketAddr) {
     within("listener up", async {
         while TcpStream::connect(addr).await.is_err() {
@@ -242,7 +238,7 @@ async fn wait_listening(addr: std::net::SocketAddr) {
 async fn forward_mode_balances_over_the_given_backends_and_exits_0_on_sigterm() {
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
-    let listen = free_port();
+    let listen = free_addr();
     let child = switchyard()
         .args(["forward", "--listen", &listen.to_string(), "--to"])
         .arg(format!("{},{}", a.addr, b.addr))
@@ -308,7 +304,7 @@ async fn forward_mode_balances_over_the_given_backends_and_exits_0_on_sigterm() 
 #[tokio::test]
 async fn run_subcommand_serves_a_config_file() {
     let a = Backend::start("a").await;
-    let listen = free_port();
+    let listen = free_addr();
     let f = write_config(&format!(
         "listeners:\n  - name: app\n    bind: {listen}\n    pool: p\npools:\n  - name: p\n    hash_key: client_ip\n    backends:\n      - address: {}\n",
         a.addr

@@ -72,10 +72,7 @@ fn dns(query: &[u8]) -> Option<Vec<u8>> {
 async fn udp_and_dns_checks_against_real_servers() {
     let (pong_addr, _a) = udp_server(pong).await;
     let (wrong_addr, _b) = udp_server(wrong).await;
-    let closed = {
-        let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
-        s.local_addr().expect("addr")
-    };
+    let closed = free_addr();
     let (dns_addr, _c) = udp_server(dns).await;
     let fast = "interval: 200ms, timeout: 200ms, rise: 1, fall: 1";
     let yaml = format!(

@@ -533,10 +533,7 @@ async fn reload_adds_removes_and_renames_listeners_without_cutting_connections()
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("switchyard.yaml");
     // A free port for the listener that is renamed (its address must stay the same).
-    let fixed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let fixed = free_addr();
     let v1 = format!(
         "listeners:\n  - {{ name: one, bind: \"{fixed}\", pool: pa }}\n  - {{ name: two, bind: 127.0.0.1:0, pool: pa }}\npools:\n  - name: pa\n    backends: [{{ name: a, address: \"{}\" }}]\n  - name: pb\n    backends: [{{ name: b, address: \"{}\" }}]\n",
         a.addr, b.addr
@@ -725,10 +722,7 @@ async fn reload_refuses_a_udp_listener_on_the_address_of_one_it_removes() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("switchyard.yaml");
     // A free port for the listener whose address the reloads try to reuse.
-    let fixed = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let fixed = free_addr();
     let yaml = |listeners: &str| {
         format!(
             "listeners:\n{listeners}pools:\n  - name: p\n    backends: [{{ name: e, address: \"{echo}\" }}]\n"
@@ -783,10 +777,7 @@ async fn reload_refuses_a_udp_listener_on_the_address_of_one_still_draining() {
     let echo = udp_echo().await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("switchyard.yaml");
-    let fixed = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let fixed = free_addr();
     let yaml = |listeners: &str| {
         format!(
             "listeners:\n{listeners}  - {{ name: other, bind: 127.0.0.1:0, protocol: udp, pool: p }}\npools:\n  - name: p\n    backends: [{{ name: e, address: \"{echo}\" }}]\n"

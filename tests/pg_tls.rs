@@ -59,11 +59,6 @@ fn run_as_postgres(args: &[&str]) -> Output {
     out
 }
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
 /// A Postgres server in a temp dir, with TLS, started by pg_ctl and stopped (by the PID in
 /// its postmaster.pid) when dropped.
 struct Postgres {

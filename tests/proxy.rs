@@ -220,11 +220,6 @@ pools:
     drop(nginx);
 }
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accepts_headers_from_trusted_peers_only() {
     let backend = Capture::start().await;

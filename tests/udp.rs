@@ -810,10 +810,7 @@ async fn tcp_and_udp_listeners_share_one_address() {
     // A port free now may be taken by the time it is bound: try a few.
     let mut bound = None;
     for _ in 0..10 {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|s| s.local_addr())
-            .expect("free port")
-            .port();
+        let port = free_port();
         let yaml = format!(
             "listeners:
   - {{name: tcp, bind: 127.0.0.1:{port}, pool: tcp}}
@@ -887,14 +884,11 @@ fn dns_query(id: u16, name: &str) -> Vec<u8> {
 }
 
 async fn start_dnsmasq() -> Dnsmasq {
-    // A port found free may be taken again before dnsmasq binds it (it binds TCP too):
-    // then dnsmasq exits, and another port is tried.
+    // dnsmasq binds TCP too. Should the port be taken before dnsmasq binds it, dnsmasq
+    // exits, and another port is tried.
     let mut last_error = String::new();
     for _ in 0..5 {
-        let port = std::net::UdpSocket::bind("127.0.0.1:0")
-            .and_then(|s| s.local_addr())
-            .expect("free port")
-            .port();
+        let port = free_port();
         let child = Command::new(dnsmasq_program())
             .args([
                 "--no-daemon",

@@ -19,14 +19,6 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
-/// A port that was free a moment ago (the processes under test need a known address).
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 fn spawn(config: &Path, log: &Path, extra: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .arg("run")
@@ -400,10 +392,7 @@ async fn binary_upgrade_hands_udp_sockets_over_and_loses_no_datagram() {
     let (backend, _backend_task) = udp_echo().await;
     let files = Files::new();
     let admin = free_addr();
-    let listen = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let listen = free_addr();
     std::fs::write(
         &files.config,
         format!(

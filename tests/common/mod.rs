@@ -2,6 +2,10 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod http;
+pub mod ports;
+
+#[allow(unused_imports)]
+pub use ports::{free_addr, free_port};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -91,10 +95,7 @@ impl Drop for Backend {
 
 /// An address on which nothing listens: connecting to it is refused.
 pub fn refused_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let a = l.local_addr().expect("addr");
-    drop(l);
-    a
+    ports::free_addr()
 }
 
 /// A balancer running in this process.

@@ -80,11 +80,7 @@ fn as_postgres(bin: &Path, tool: &str) -> Command {
     c
 }
 
-/// A port nothing listens on right now.
-pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
+pub use crate::common::free_port;
 
 /// One Postgres server.
 pub struct PgServer {
