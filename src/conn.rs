@@ -116,15 +116,21 @@ pub async fn serve(
         debug!(listener = %ctx.name, client = %peer, "listener no longer configured; closing");
         return;
     };
-    route.metrics.active.inc();
+    let Some(listener_metrics) = route.metrics.tcp() else {
+        // UDP in the snapshot it was accepted under (cannot happen either: a listener that
+        // becomes UDP stops accepting before the snapshot saying so is published).
+        debug!(listener = %ctx.name, client = %peer, "listener no longer tcp; closing");
+        return;
+    };
+    listener_metrics.active.inc();
     let _ = client.set_nodelay(true);
 
     let prepared = match route::prepare(&client, peer, route).await {
         Ok(prepared) => prepared,
         Err((refusal, learned)) => {
-            route.metrics.refused(refusal).inc();
-            route.metrics.active.dec();
-            route.metrics.closed(CloseReason::Refused).inc();
+            listener_metrics.refused(refusal).inc();
+            listener_metrics.active.dec();
+            listener_metrics.closed(CloseReason::Refused).inc();
             info!(
                 listener = %route.config.name,
                 client = %learned.client,
@@ -175,8 +181,8 @@ pub async fn serve(
             let _ = stream.set_nodelay(true);
             let metrics = &pool.backend_metrics[index];
             let counters = ByteCounters {
-                from_client: route.metrics.bytes_from_clients.clone(),
-                to_client: route.metrics.bytes_to_clients.clone(),
+                from_client: listener_metrics.bytes_from_clients.clone(),
+                to_client: listener_metrics.bytes_to_clients.clone(),
                 backend_from_client: metrics.bytes_from_clients.clone(),
                 backend_to_client: metrics.bytes_to_clients.clone(),
             };
@@ -222,10 +228,10 @@ pub async fn serve(
     // not trusted to send one.
     let refused = (reason == CloseReason::Refused).then_some(route::Refusal::ProxyUntrusted);
     if let Some(refusal) = refused {
-        route.metrics.refused(refusal).inc();
+        listener_metrics.refused(refusal).inc();
     }
-    route.metrics.active.dec();
-    route.metrics.closed(reason).inc();
+    listener_metrics.active.dec();
+    listener_metrics.closed(reason).inc();
     log_close(
         route,
         pool,

@@ -12,7 +12,7 @@ use arc_swap::ArcSwap;
 use crate::backend::{Backend, BackendState, Breaker};
 use crate::balance::Balancer;
 use crate::config::{Config, HashKey, ListenerConfig, PoolConfig, Protocol};
-use crate::metrics::{BackendMetrics, ListenerMetrics, Metrics, PoolMetrics, Removed, UdpMetrics};
+use crate::metrics::{BackendMetrics, ListenerSeries, Metrics, PoolMetrics, Removed};
 
 /// One pool as built from the config: backends in config order, their metric handles
 /// (same order), and the balancer over them.
@@ -37,9 +37,9 @@ impl Pool {
 pub struct Route {
     pub config: ListenerConfig,
     pub pool: Arc<Pool>,
-    pub metrics: ListenerMetrics,
-    /// A UDP listener's flow and datagram counters (read by the status document).
-    pub udp_metrics: Option<UdpMetrics>,
+    /// Connection and byte counters for TCP, flow and datagram counters for UDP (the
+    /// status document reads them).
+    pub metrics: ListenerSeries,
     /// PROXY header, ACL and TLS-by-SNI settings, pools resolved.
     pub routing: crate::route::Routing,
 }
@@ -128,12 +128,17 @@ impl Shared {
     }
 }
 
-/// Listeners, pools and backends `previous` has and `current` does not.
+/// Listeners, pools and backends `previous` has and `current` does not; a listener that
+/// changed protocol counts as removed from its old protocol's families.
 fn removed(previous: &Snapshot, current: &Snapshot) -> Removed {
     let mut removed = Removed::default();
-    for name in previous.routes.keys() {
-        if !current.routes.contains_key(name) {
-            removed.listeners.insert(name.clone());
+    for (name, route) in &previous.routes {
+        let was = route.config.protocol;
+        if current.route(name).map(|r| r.config.protocol) != Some(was) {
+            match was {
+                Protocol::Tcp => removed.tcp_listeners.insert(name.clone()),
+                Protocol::Udp => removed.udp_listeners.insert(name.clone()),
+            };
         }
     }
     for (name, pool) in &previous.pools {
@@ -207,8 +212,7 @@ fn build(
             let route = Route {
                 config: lc.clone(),
                 pool,
-                metrics: metrics.listener(&lc.name),
-                udp_metrics: (lc.protocol == Protocol::Udp).then(|| metrics.udp(&lc.name)),
+                metrics: metrics.listener_series(&lc.name, lc.protocol),
                 routing: crate::route::Routing::build(lc, &pools),
             };
             Some((lc.name.clone(), Arc::new(route)))
@@ -218,5 +222,57 @@ fn build(
         config: Arc::new(config),
         pools,
         routes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(protocol: &str) -> Config {
+        let yaml = format!(
+            "listeners:\n  - {{ name: l, bind: 127.0.0.1:0, protocol: {protocol}, pool: p }}\npools:\n  - name: p\n    backends: [{{ address: \"127.0.0.1:9\" }}]\n"
+        );
+        Config::from_yaml(&yaml, "t.yaml").expect("valid")
+    }
+
+    /// Families with a series of listener `l`.
+    fn families_of_l(metrics: &Metrics) -> Vec<String> {
+        metrics
+            .registry
+            .gather()
+            .iter()
+            .filter(|f| {
+                f.get_metric().iter().any(|m| {
+                    m.get_label()
+                        .iter()
+                        .any(|l| l.get_name() == "listener" && l.get_value() == "l")
+                })
+            })
+            .map(|f| f.get_name().to_string())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_listener_has_series_of_its_protocol_only_across_reloads() {
+        let shared = Shared::new(config("udp"), Metrics::new());
+        let udp = families_of_l(&shared.metrics);
+        assert!(!udp.is_empty());
+        assert!(
+            udp.iter().all(|f| f.starts_with("switchyard_udp_")),
+            "{udp:?}"
+        );
+        shared.publish(config("tcp"));
+        let tcp = families_of_l(&shared.metrics);
+        assert!(
+            tcp.contains(&crate::metrics::names::LISTENER_CONNECTIONS_ACTIVE.to_string()),
+            "{tcp:?}"
+        );
+        assert!(
+            tcp.iter().all(|f| f.starts_with("switchyard_listener_")),
+            "{tcp:?}"
+        );
+        shared.publish(config("udp"));
+        assert_eq!(families_of_l(&shared.metrics), udp, "back to UDP");
     }
 }

@@ -716,6 +716,95 @@ async fn status_and_backend_bytes_count_udp_flows() {
     );
 }
 
+/// Lines of a text exposition for `name` with `listener="{listener}"`.
+fn series_of(text: &str, name: &str, listener: &str) -> usize {
+    let label = format!("listener=\"{listener}\"");
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+        .filter(|l| l.contains(&label))
+        .count()
+}
+
+#[tokio::test]
+async fn udp_listeners_export_flow_series_and_no_connection_series() {
+    use switchyard::metrics::names::*;
+    let a = Backend::start("a").await;
+    let echo = udp_echo().await;
+    let lb = Balancer::start(&format!(
+        "admin:\n  bind: 127.0.0.1:0\nlisteners:\n  - {{ name: db, bind: 127.0.0.1:0, pool: p }}\n  - {{ name: dns, bind: 127.0.0.1:0, protocol: udp, pool: u }}\npools:\n  - name: p\n    backends: [{{ name: a, address: \"{}\" }}]\n  - name: u\n    backends: [{{ name: e, address: \"{echo}\" }}]\n",
+        a.addr
+    ))
+    .await;
+    let admin = lb.admin.unwrap();
+    // A connection through the TCP listener, a flow through the UDP one.
+    let (name, mut reader) = greet(TcpStream::connect(lb.addr("db")).await.unwrap()).await;
+    assert_eq!(name, "a");
+    reader.get_mut().write_all(b"hello").await.unwrap();
+    let mut buf = [0u8; 5];
+    reader.read_exact(&mut buf).await.unwrap();
+    drop(reader);
+    let db = [("listener", "db")];
+    wait_counter(&lb, LISTENER_CONNECTIONS_CLOSED, &db, 1).await;
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    udp_round_trip(&client, lb.addr("dns"), b"query").await;
+    let dns = [("listener", "dns")];
+    wait_counter(&lb, UDP_BYTES_TO_CLIENTS, &dns, 5).await;
+
+    let text = get(admin, "/metrics").await.body;
+    let tcp_only = [
+        LISTENER_CONNECTIONS_ACCEPTED,
+        LISTENER_CONNECTIONS_REJECTED,
+        LISTENER_CONNECTIONS_ACTIVE,
+        LISTENER_CONNECTIONS_CLOSED,
+        LISTENER_ACCEPT_ERRORS,
+        LISTENER_BYTES_FROM_CLIENTS,
+        LISTENER_BYTES_TO_CLIENTS,
+    ];
+    let udp_only = [
+        UDP_FLOWS_ACTIVE,
+        UDP_FLOWS_CREATED,
+        UDP_FLOWS_EXPIRED,
+        UDP_DATAGRAMS_FROM_CLIENTS,
+        UDP_DATAGRAMS_TO_CLIENTS,
+        UDP_BYTES_FROM_CLIENTS,
+        UDP_BYTES_TO_CLIENTS,
+        UDP_DATAGRAMS_DROPPED,
+        UDP_UPSTREAM_SOCKETS_REUSED,
+        UDP_UPSTREAM_SOCKETS_SPARE,
+    ];
+    for name in tcp_only {
+        assert!(series_of(&text, name, "db") > 0, "{name} of db:\n{text}");
+        assert_eq!(series_of(&text, name, "dns"), 0, "{name} of dns:\n{text}");
+    }
+    for name in udp_only {
+        assert!(series_of(&text, name, "dns") > 0, "{name} of dns:\n{text}");
+        assert_eq!(series_of(&text, name, "db"), 0, "{name} of db:\n{text}");
+    }
+    assert_eq!(sample(&text, LISTENER_CONNECTIONS_ACCEPTED, &db), Some(1.0));
+    assert_eq!(sample(&text, LISTENER_BYTES_FROM_CLIENTS, &db), Some(5.0));
+    assert_eq!(sample(&text, UDP_FLOWS_CREATED, &dns), Some(1.0));
+    assert_eq!(sample(&text, UDP_DATAGRAMS_FROM_CLIENTS, &dns), Some(1.0));
+    assert_eq!(sample(&text, UDP_BYTES_FROM_CLIENTS, &dns), Some(5.0));
+
+    // The status document: connections for the TCP listener, flows for the UDP one.
+    let s = get(admin, "/api/v1/status").await.json();
+    let listener = |name: &str| {
+        s["listeners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["name"] == name)
+            .unwrap_or_else(|| panic!("no listener {name} in {s}"))
+            .clone()
+    };
+    let (db, dns) = (listener("db"), listener("dns"));
+    assert_eq!(db["connections"]["accepted"], 1, "{db}");
+    assert!(db["udp"].is_null(), "{db}");
+    assert!(dns["connections"].is_null(), "{dns}");
+    assert_eq!(dns["udp"]["flows"]["created"], 1, "{dns}");
+    assert_eq!(dns["bytes"]["from_clients"], 5, "{dns}");
+}
+
 #[tokio::test]
 async fn reload_refuses_a_udp_listener_on_the_address_of_one_it_removes() {
     let echo = udp_echo().await;

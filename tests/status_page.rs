@@ -112,7 +112,7 @@ async fn status_page_in_headless_chromium_over_webdriver() {
         Backend::start("d").await,
     ];
     let yaml = format!(
-        "admin:\n  bind: 127.0.0.1:0\n  token_env: {TOKEN_ENV}\nlisteners:\n  - {{ name: postgres-write, bind: 127.0.0.1:0, pool: pg-write }}\n  - {{ name: cache, bind: 127.0.0.1:0, pool: cache, max_connections: 500 }}\n  - {{ name: tls, bind: 127.0.0.1:0, tls_passthrough: {{ routes: [{{ sni: [db.example.com], pool: pg-write }}] }} }}\npools:\n  - name: pg-write\n    balance: least_conn\n    health_check: {{ type: tcp, interval: 1h, timeout: 5s, initial_state: up }}\n    backends:\n      - {{ name: pg-1, address: \"{}\" }}\n      - {{ name: pg-2, address: \"{}\", weight: 2 }}\n  - name: cache\n    balance: maglev\n    max_fails: 1\n    fail_duration: 1h\n    backends:\n      - {{ name: cache-a, address: \"{}\" }}\n      - {{ name: cache-b, address: \"{}\" }}\n      - {{ name: cache-c, address: \"{}\" }}\n  - name: replicas\n    backends:\n      - {{ name: r-1, address: \"{}\" }}\n      - {{ name: r-2, address: \"{}\" }}\n",
+        "admin:\n  bind: 127.0.0.1:0\n  token_env: {TOKEN_ENV}\nlisteners:\n  - {{ name: postgres-write, bind: 127.0.0.1:0, pool: pg-write }}\n  - {{ name: cache, bind: 127.0.0.1:0, pool: cache, max_connections: 500 }}\n  - {{ name: tls, bind: 127.0.0.1:0, tls_passthrough: {{ routes: [{{ sni: [db.example.com], pool: pg-write }}] }} }}\n  - {{ name: dns, bind: 127.0.0.1:0, protocol: udp, pool: cache }}\npools:\n  - name: pg-write\n    balance: least_conn\n    health_check: {{ type: tcp, interval: 1h, timeout: 5s, initial_state: up }}\n    backends:\n      - {{ name: pg-1, address: \"{}\" }}\n      - {{ name: pg-2, address: \"{}\", weight: 2 }}\n  - name: cache\n    balance: maglev\n    max_fails: 1\n    fail_duration: 1h\n    backends:\n      - {{ name: cache-a, address: \"{}\" }}\n      - {{ name: cache-b, address: \"{}\" }}\n      - {{ name: cache-c, address: \"{}\" }}\n  - name: replicas\n    backends:\n      - {{ name: r-1, address: \"{}\" }}\n      - {{ name: r-2, address: \"{}\" }}\n",
         backends[0].addr,
         backends[1].addr,
         backends[2].addr,
@@ -193,7 +193,7 @@ async fn status_page_in_headless_chromium_over_webdriver() {
     assert_eq!(
         rows,
         json!({
-            "listeners": ["postgres-write", "cache", "tls"],
+            "listeners": ["postgres-write", "cache", "tls", "dns"],
             "pools": ["pg-write", "cache", "replicas"],
             "backends": [
                 "pg-write pg-1 up", "pg-write pg-2 drain",
@@ -256,6 +256,16 @@ async fn status_page_in_headless_chromium_over_webdriver() {
     assert!(
         dom.contains("updated "),
         "the page fetched the status:\n{dom}"
+    );
+    // The UDP listener (no `connections` in the status, flows instead) has its flow line, and
+    // the summary counts its flows apart from the connections.
+    assert!(
+        dom.contains(r#"<tr class="udp">"#),
+        "page lacks the UDP listener's flow line:\n{dom}"
+    );
+    assert!(
+        dom.contains(" udp flows"),
+        "page lacks the UDP flow count:\n{dom}"
     );
     // The page asks for the token and keeps every button off until it has it.
     let locked = page

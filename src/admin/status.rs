@@ -5,8 +5,8 @@
 //! A backend's `state` is one of up, down, standby, drain, maint. Its `health` object
 //! (`{state, reason, last_check}`) is what checking concluded: today the passive breaker
 //! and the health atomic; active checks fill `last_check`. Listeners carry a `protocol` and
-//! per-protocol fields (`tls` for TLS passthrough: routes by SNI and the default pool;
-//! `udp` for UDP: flows, datagrams and drops).
+//! per-protocol fields (`connections` for TCP; `tls` for TLS passthrough: routes by SNI and
+//! the default pool; `udp` for UDP: flows, datagrams and drops), each null otherwise.
 
 use std::collections::BTreeMap;
 
@@ -17,7 +17,7 @@ use crate::clock;
 use crate::config::{SniPattern, TlsPassthrough, UdpConfig};
 use crate::conn::CloseReason;
 use crate::control::{admin_state_name, unix_seconds, Control};
-use crate::metrics::UdpMetrics;
+use crate::metrics::{ListenerMetrics, ListenerSeries, UdpMetrics};
 use crate::route::Refusal;
 use crate::state::{Pool, Route};
 use crate::udp::{DropReason, FlowEnd};
@@ -67,7 +67,8 @@ pub struct ListenerStatus {
     pub tls: Option<TlsStatus>,
     pub max_connections: usize,
     pub idle_timeout_seconds: f64,
-    pub connections: ListenerConnections,
+    /// Connections, when the listener is TCP (a UDP listener has `udp.flows` instead).
+    pub connections: Option<ListenerConnections>,
     /// Bytes each way, whatever the protocol (for UDP, datagram payloads).
     pub bytes: Bytes,
     /// Flows, datagrams and drops, when the listener is UDP.
@@ -353,19 +354,45 @@ fn udp_status(config: &UdpConfig, m: &UdpMetrics) -> UdpStatus {
     }
 }
 
-fn listener_status(route: &Route, control: &Control) -> ListenerStatus {
-    let m = &route.metrics;
-    let running = control.listeners();
-    let info = running.get(&route.config.name);
-    let tls = route.config.tls_passthrough.as_ref();
+fn tcp_connections(m: &ListenerMetrics) -> ListenerConnections {
     let rejected_by_reason: BTreeMap<&'static str, u64> = Refusal::ALL
         .iter()
         .map(|r| (r.as_str(), m.refused(*r).get()))
         .collect();
-    let udp = route
-        .udp_metrics
-        .as_ref()
-        .map(|u| udp_status(&route.config.udp, u));
+    ListenerConnections {
+        active: m.active.get(),
+        accepted: m.accepted.get(),
+        rejected: rejected_by_reason.values().sum(),
+        rejected_by_reason,
+        closed: CloseReason::ALL
+            .iter()
+            .map(|r| (r.as_str(), m.closed(*r).get()))
+            .collect(),
+    }
+}
+
+fn listener_status(route: &Route, control: &Control) -> ListenerStatus {
+    let running = control.listeners();
+    let info = running.get(&route.config.name);
+    let tls = route.config.tls_passthrough.as_ref();
+    let (connections, bytes, udp) = match &route.metrics {
+        ListenerSeries::Tcp(m) => (
+            Some(tcp_connections(m)),
+            Bytes {
+                from_clients: m.bytes_from_clients.get(),
+                to_clients: m.bytes_to_clients.get(),
+            },
+            None,
+        ),
+        ListenerSeries::Udp(m) => {
+            let udp = udp_status(&route.config.udp, m);
+            let bytes = Bytes {
+                from_clients: udp.bytes.from_clients,
+                to_clients: udp.bytes.to_clients,
+            };
+            (None, bytes, Some(udp))
+        }
+    };
     ListenerStatus {
         name: route.config.name.clone(),
         protocol: match route.config.protocol {
@@ -382,26 +409,8 @@ fn listener_status(route: &Route, control: &Control) -> ListenerStatus {
         tls: tls.map(tls_status),
         max_connections: route.config.max_connections,
         idle_timeout_seconds: route.config.idle_timeout.as_secs_f64(),
-        connections: ListenerConnections {
-            active: m.active.get(),
-            accepted: m.accepted.get(),
-            rejected: rejected_by_reason.values().sum(),
-            rejected_by_reason,
-            closed: CloseReason::ALL
-                .iter()
-                .map(|r| (r.as_str(), m.closed(*r).get()))
-                .collect(),
-        },
-        bytes: match &udp {
-            Some(u) => Bytes {
-                from_clients: u.bytes.from_clients,
-                to_clients: u.bytes.to_clients,
-            },
-            None => Bytes {
-                from_clients: m.bytes_from_clients.get(),
-                to_clients: m.bytes_to_clients.get(),
-            },
-        },
+        connections,
+        bytes,
         udp,
     }
 }

@@ -8,27 +8,32 @@ use super::Metrics;
 
 impl Metrics {
     /// Drops the series of listeners, pools and backends a reload removed, so churn in the
-    /// config does not grow the exposition (or memory) without bound. Connections still
-    /// open under the old config keep their handles, but what they count from now on under
-    /// a removed name is not exported (a kept listener's totals still count it). A name
-    /// that comes back starts from zero (a counter reset).
+    /// config does not grow the exposition (or memory) without bound; a listener that
+    /// changed protocol loses its old protocol's series and keeps its new ones. Connections
+    /// and flows still open under the old config keep their handles, but what they count
+    /// from now on under a removed name is not exported (a kept listener's totals still
+    /// count it). A name that comes back starts from zero (a counter reset).
     pub fn forget(&self, removed: &Removed) {
         if removed.is_empty() {
             return;
         }
-        let gone = |labels: &HashMap<&str, &str>| {
+        let listener_in = |listeners: &HashSet<String>, labels: &HashMap<&str, &str>| {
             labels
                 .get("listener")
-                .is_some_and(|l| removed.listeners.contains(*l))
-                || labels.get("pool").is_some_and(|p| {
-                    removed.pools.contains(*p)
-                        || labels.get("backend").is_some_and(|b| {
-                            removed.backends.contains(&(p.to_string(), b.to_string()))
-                        })
-                })
+                .is_some_and(|l| listeners.contains(*l))
+        };
+        let tcp_gone = |labels: &HashMap<&str, &str>| listener_in(&removed.tcp_listeners, labels);
+        let udp_gone = |labels: &HashMap<&str, &str>| listener_in(&removed.udp_listeners, labels);
+        let pool_gone = |labels: &HashMap<&str, &str>| {
+            labels.get("pool").is_some_and(|p| {
+                removed.pools.contains(*p)
+                    || labels
+                        .get("backend")
+                        .is_some_and(|b| removed.backends.contains(&(p.to_string(), b.to_string())))
+            })
         };
         let u = &self.udp;
-        let families: [&dyn Forget; 30] = [
+        let tcp_listener: [&dyn Forget; 7] = [
             &self.listener_accepted,
             &self.listener_rejected,
             &self.listener_active,
@@ -36,6 +41,20 @@ impl Metrics {
             &self.listener_accept_errors,
             &self.listener_bytes_from_clients,
             &self.listener_bytes_to_clients,
+        ];
+        let udp_listener: [&dyn Forget; 10] = [
+            &u.flows_active,
+            &u.flows_created,
+            &u.flows_expired,
+            &u.datagrams_from_clients,
+            &u.datagrams_to_clients,
+            &u.bytes_from_clients,
+            &u.bytes_to_clients,
+            &u.dropped,
+            &u.upstream_sockets_reused,
+            &u.upstream_sockets_spare,
+        ];
+        let pools_and_backends: [&dyn Forget; 13] = [
             &self.backend_connect_attempts,
             &self.backend_connect_failures,
             &self.backend_connect_duration,
@@ -48,20 +67,16 @@ impl Metrics {
             &self.backend_state_changes,
             &self.pool_split_brain,
             &self.pool_fallback,
-            &u.flows_active,
-            &u.flows_created,
-            &u.flows_expired,
-            &u.datagrams_from_clients,
-            &u.datagrams_to_clients,
-            &u.bytes_from_clients,
-            &u.bytes_to_clients,
-            &u.dropped,
             &u.backend_unreachable,
-            &u.upstream_sockets_reused,
-            &u.upstream_sockets_spare,
         ];
-        for family in families {
-            family.remove_where(&gone);
+        for family in tcp_listener {
+            family.remove_where(&tcp_gone);
+        }
+        for family in udp_listener {
+            family.remove_where(&udp_gone);
+        }
+        for family in pools_and_backends {
+            family.remove_where(&pool_gone);
         }
     }
 }
@@ -69,7 +84,10 @@ impl Metrics {
 /// What a reload removed, for [`Metrics::forget`].
 #[derive(Debug, Default)]
 pub struct Removed {
-    pub listeners: HashSet<String>,
+    /// TCP listeners the config no longer has, or that are UDP now.
+    pub tcp_listeners: HashSet<String>,
+    /// UDP listeners the config no longer has, or that are TCP now.
+    pub udp_listeners: HashSet<String>,
     pub pools: HashSet<String>,
     /// (pool, backend) of backends removed from pools that remain.
     pub backends: HashSet<(String, String)>,
@@ -77,7 +95,10 @@ pub struct Removed {
 
 impl Removed {
     pub fn is_empty(&self) -> bool {
-        self.listeners.is_empty() && self.pools.is_empty() && self.backends.is_empty()
+        self.tcp_listeners.is_empty()
+            && self.udp_listeners.is_empty()
+            && self.pools.is_empty()
+            && self.backends.is_empty()
     }
 }
 
@@ -108,12 +129,13 @@ impl<T: MetricVecBuilder> Forget for MetricVec<T> {
 mod tests {
     use super::*;
     use crate::backend::{DownReason, HealthStatus};
+    use crate::config::Protocol;
     use crate::conn::CloseReason;
     use crate::udp::DropReason;
 
-    /// Every family gets a series for a kept and a removed listener, pool and backend.
-    fn touch(m: &Metrics, listener: &str, pool: &str, backend: &str) {
-        let l = m.listener(listener);
+    /// Every family gets a series for a TCP and a UDP listener, a pool and a backend.
+    fn touch(m: &Metrics, tcp_listener: &str, udp_listener: &str, pool: &str, backend: &str) {
+        let l = m.listener(tcp_listener);
         l.accepted.inc();
         l.active.inc();
         l.closed(CloseReason::ALL[0]).inc();
@@ -127,7 +149,7 @@ mod tests {
         h.check_duration.observe(0.001);
         h.check_result(HealthStatus::down(DownReason::Timeout));
         h.state_changed(HealthStatus::UP);
-        let u = m.udp(listener);
+        let u = m.udp(udp_listener);
         u.flows_created.inc();
         u.dropped(DropReason::ALL[0]).inc();
         u.upstream_sockets_reused.inc();
@@ -152,12 +174,14 @@ mod tests {
     #[test]
     fn forget_drops_every_series_of_what_a_reload_removed() {
         let m = Metrics::new();
-        touch(&m, "kept", "kept", "kept");
-        touch(&m, "gone", "gone", "x");
-        touch(&m, "kept", "kept", "gone");
+        touch(&m, "kept", "kept-udp", "kept", "kept");
+        touch(&m, "gone", "gone-udp", "gone", "x");
+        touch(&m, "kept", "kept-udp", "kept", "gone");
         assert!(!series(&m, "gone").is_empty());
+        assert!(!series(&m, "gone-udp").is_empty());
         m.forget(&Removed {
-            listeners: HashSet::from(["gone".to_string()]),
+            tcp_listeners: HashSet::from(["gone".to_string()]),
+            udp_listeners: HashSet::from(["gone-udp".to_string()]),
             pools: HashSet::from(["gone".to_string()]),
             backends: HashSet::from([("kept".to_string(), "gone".to_string())]),
         });
@@ -167,19 +191,61 @@ mod tests {
             "series left behind"
         );
         assert_eq!(
+            series(&m, "gone-udp"),
+            Vec::<String>::new(),
+            "a removed UDP listener's series left behind"
+        );
+        assert_eq!(
             series(&m, "x"),
             Vec::<String>::new(),
             "a removed pool's backends"
         );
         // The kept listener, pool and backend keep exactly their series, and their counts.
         let only_kept = Metrics::new();
-        touch(&only_kept, "kept", "kept", "kept");
+        touch(&only_kept, "kept", "kept-udp", "kept", "kept");
+        assert_eq!(series(&m, "kept-udp"), series(&only_kept, "kept-udp"));
         let kept = series(&only_kept, "kept");
         let mut families: Vec<&String> = kept.iter().collect();
         families.dedup();
-        assert!(families.len() >= 20, "{families:?}");
+        assert!(families.len() >= 14, "{families:?}");
         assert_eq!(series(&m, "kept"), kept);
         assert_eq!(m.listener("kept").accepted.get(), 2);
         assert_eq!(m.backend("kept", "kept").connect_attempts.get(), 1);
+    }
+
+    #[test]
+    fn a_listener_that_changed_protocol_keeps_only_its_new_protocols_series() {
+        let m = Metrics::new();
+        let was = m.listener_series("dns", Protocol::Tcp);
+        if let Some(tcp) = was.tcp() {
+            tcp.accepted.inc();
+            tcp.closed(CloseReason::ALL[0]).inc();
+        }
+        // The snapshot that makes it UDP takes its handles before the forget.
+        let now = m.listener_series("dns", Protocol::Udp);
+        m.forget(&Removed {
+            tcp_listeners: HashSet::from(["dns".to_string()]),
+            ..Removed::default()
+        });
+        let left = series(&m, "dns");
+        assert!(!left.is_empty(), "the UDP series stay");
+        assert!(
+            left.iter().all(|f| f.starts_with("switchyard_udp_")),
+            "{left:?}"
+        );
+        // And back to TCP: the UDP series go, the TCP ones start from zero.
+        let back = m.listener_series("dns", Protocol::Tcp);
+        m.forget(&Removed {
+            udp_listeners: HashSet::from(["dns".to_string()]),
+            ..Removed::default()
+        });
+        let left = series(&m, "dns");
+        assert!(!left.is_empty(), "the TCP series stay");
+        assert!(
+            left.iter().all(|f| f.starts_with("switchyard_listener_")),
+            "{left:?}"
+        );
+        assert_eq!(back.tcp().map(|m| m.accepted.get()), Some(0));
+        drop((was, now));
     }
 }

@@ -1,14 +1,17 @@
 //! The metric families of one balancer and their pre-resolved handles. Handles are looked
 //! up once when a snapshot is built, so the data path only touches atomics, never the
 //! registry's label maps. Labels are bounded: listener, pool, backend and a fixed set of
-//! reasons; never a client address. Names live in `names`, UDP families in `udp`, and
-//! dropping what a reload removed in `forget`.
+//! reasons; never a client address. A listener gets series of its own protocol's families
+//! only ([`ListenerSeries`]): connections and bytes for TCP, flows and datagrams for UDP.
+//! Names live in `names`, UDP families in `udp`, and dropping what a reload removed in
+//! `forget`.
 
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry,
 };
 
+use crate::config::Protocol;
 use crate::conn::CloseReason;
 use crate::route::Refusal;
 
@@ -62,7 +65,7 @@ pub struct OpsMetrics {
     pub ready: IntGauge,
 }
 
-/// Handles for one listener.
+/// Handles for one TCP listener: its connections and the bytes they carry.
 #[derive(Debug, Clone)]
 pub struct ListenerMetrics {
     pub accepted: IntCounter,
@@ -82,6 +85,26 @@ impl ListenerMetrics {
 
     pub fn refused(&self, reason: Refusal) -> &IntCounter {
         &self.refused[reason as usize]
+    }
+}
+
+/// The handles of one listener, by its protocol. Only these families have series for it, so
+/// a UDP listener exports no connection counts that would stay 0 next to its traffic.
+#[derive(Debug, Clone)]
+pub enum ListenerSeries {
+    /// `switchyard_listener_*`: connections accepted, open, refused and closed, bytes.
+    Tcp(ListenerMetrics),
+    /// `switchyard_udp_*`: flows, datagrams, payload bytes and drops.
+    Udp(UdpMetrics),
+}
+
+impl ListenerSeries {
+    /// A TCP listener's handles; None for UDP.
+    pub fn tcp(&self) -> Option<&ListenerMetrics> {
+        match self {
+            ListenerSeries::Tcp(m) => Some(m),
+            ListenerSeries::Udp(_) => None,
+        }
     }
 }
 
@@ -391,6 +414,15 @@ impl Metrics {
         }
     }
 
+    /// Handles for a listener of `protocol`, creating series in its protocol's families only.
+    pub fn listener_series(&self, listener: &str, protocol: Protocol) -> ListenerSeries {
+        match protocol {
+            Protocol::Tcp => ListenerSeries::Tcp(self.listener(listener)),
+            Protocol::Udp => ListenerSeries::Udp(self.udp(listener)),
+        }
+    }
+
+    /// Handles for one TCP listener (a UDP listener's are [`Metrics::udp`]).
     pub fn listener(&self, listener: &str) -> ListenerMetrics {
         let l = &[listener];
         ListenerMetrics {
