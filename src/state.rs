@@ -104,15 +104,21 @@ impl Shared {
         let stopped = self.health.sync(&snapshot, &self.metrics);
         let removed = removed(&previous, &snapshot);
         self.metrics.forget(&removed);
-        if !removed.is_empty() && !stopped.is_empty() {
-            // A stopped prober may be between its check and its count right now, and would
-            // bring a health series back: once they have all ended, forget once more.
+        // A stopped prober may be between its check and its count right now, and would
+        // bring a health series back: once they have all ended, forget its pools and
+        // backends once more (not listeners: a later reload may have brought one back).
+        let health = Removed {
+            pools: removed.pools,
+            backends: removed.backends,
+            ..Removed::default()
+        };
+        if !health.is_empty() && !stopped.is_empty() {
             let metrics = self.metrics.clone();
             tokio::spawn(async move {
                 for prober in stopped {
                     let _ = prober.await;
                 }
-                metrics.forget(&removed);
+                metrics.forget(&health);
             });
         }
     }
