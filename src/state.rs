@@ -62,6 +62,9 @@ impl Snapshot {
 #[derive(Debug)]
 pub struct Shared {
     snapshot: ArcSwap<Snapshot>,
+    /// Held while a snapshot is published, and while series of what one removed are
+    /// forgotten late, so that a forget never races a reload that brings a name back.
+    publishing: Mutex<()>,
     backend_states: Mutex<HashMap<(String, String), Arc<BackendState>>>,
     pub metrics: Metrics,
     /// Active health-check probers, kept in line with each published snapshot.
@@ -84,6 +87,7 @@ impl Shared {
         let snapshot = build(config, &backend_states, &metrics);
         Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
+            publishing: Mutex::new(()),
             backend_states,
             metrics,
             health: crate::health::Supervisor::new(),
@@ -97,7 +101,8 @@ impl Shared {
 
     /// Builds a snapshot of `config` (keeping live backend state) and publishes it; the
     /// metric series of what it no longer has are dropped.
-    pub fn publish(&self, config: Config) {
+    pub fn publish(self: &Arc<Self>, config: Config) {
+        let _publishing = self.publishing.lock().unwrap_or_else(|e| e.into_inner());
         let snapshot = Arc::new(build(config, &self.backend_states, &self.metrics));
         let previous = self.snapshot.swap(Arc::clone(&snapshot));
         crate::health::close_removed(&previous, &snapshot);
@@ -106,21 +111,35 @@ impl Shared {
         self.metrics.forget(&removed);
         // A stopped prober may be between its check and its count right now, and would
         // bring a health series back: once they have all ended, forget its pools and
-        // backends once more (not listeners: a later reload may have brought one back).
+        // backends once more (probers touch no listener series).
         let health = Removed {
             pools: removed.pools,
             backends: removed.backends,
             ..Removed::default()
         };
         if !health.is_empty() && !stopped.is_empty() {
-            let metrics = self.metrics.clone();
+            let shared = Arc::clone(self);
             tokio::spawn(async move {
                 for prober in stopped {
                     let _ = prober.await;
                 }
-                metrics.forget(&health);
+                shared.forget_still_gone(health);
             });
         }
+    }
+
+    /// Forgets the pools and backends of `removed` that the live snapshot still lacks: a
+    /// reload since may have brought one back, and its series are live again.
+    fn forget_still_gone(&self, mut removed: Removed) {
+        let _publishing = self.publishing.lock().unwrap_or_else(|e| e.into_inner());
+        let live = self.snapshot();
+        removed.pools.retain(|pool| !live.pools.contains_key(pool));
+        removed.backends.retain(|(pool, backend)| {
+            live.pools
+                .get(pool)
+                .is_none_or(|p| p.backends.iter().all(|b| &*b.name != backend))
+        });
+        self.metrics.forget(&removed);
     }
 
     /// Live state of a backend, if the current config has it.
@@ -234,6 +253,7 @@ fn build(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
 
     fn config(protocol: &str) -> Config {
         let yaml = format!(
@@ -280,5 +300,59 @@ mod tests {
         );
         shared.publish(config("udp"));
         assert_eq!(families_of_l(&shared.metrics), udp, "back to UDP");
+    }
+
+    /// The late forget after a reload leaves alone a pool and a backend that a later
+    /// reload brought back.
+    #[tokio::test]
+    async fn a_late_forget_spares_what_a_later_reload_brought_back() {
+        let with = |backends: &str| {
+            Config::from_yaml(
+                &format!("listeners:\n  - {{ name: l, bind: 127.0.0.1:0, pool: p }}\npools:\n  - name: p\n    backends: [{backends}]\n  - name: q\n    backends: [{{ name: x, address: \"127.0.0.1:9\" }}]\n"),
+                "t.yaml",
+            )
+            .expect("valid")
+        };
+        let both = "{ name: a, address: \"127.0.0.1:9\" }, { name: b, address: \"127.0.0.1:10\" }";
+        let shared = Shared::new(with(both), Metrics::new());
+        let pool_series = |m: &Metrics, pool: &str, backend: &str| {
+            m.registry
+                .gather()
+                .iter()
+                .flat_map(|f| f.get_metric().iter())
+                .filter(|m| {
+                    let has = |k: &str, v: &str| {
+                        m.get_label()
+                            .iter()
+                            .any(|l| l.get_name() == k && l.get_value() == v)
+                    };
+                    has("pool", pool) && has("backend", backend)
+                })
+                .count()
+        };
+        assert!(pool_series(&shared.metrics, "p", "b") > 0);
+        // b goes and comes back before the late forget for its removal runs.
+        shared.publish(with("{ name: a, address: \"127.0.0.1:9\" }"));
+        assert_eq!(
+            pool_series(&shared.metrics, "p", "b"),
+            0,
+            "forgotten at once"
+        );
+        shared.publish(with(both));
+        let back = pool_series(&shared.metrics, "p", "b");
+        assert!(back > 0);
+        shared.forget_still_gone(Removed {
+            pools: HashSet::from(["p".to_string()]),
+            backends: HashSet::from([("p".to_string(), "b".to_string())]),
+            ..Removed::default()
+        });
+        assert_eq!(pool_series(&shared.metrics, "p", "b"), back, "spared");
+        // What is still gone is forgotten.
+        shared.publish(with("{ name: a, address: \"127.0.0.1:9\" }"));
+        shared.forget_still_gone(Removed {
+            backends: HashSet::from([("p".to_string(), "b".to_string())]),
+            ..Removed::default()
+        });
+        assert_eq!(pool_series(&shared.metrics, "p", "b"), 0);
     }
 }
