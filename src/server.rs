@@ -19,7 +19,7 @@ use crate::config::Config;
 use crate::config::Protocol;
 use crate::control::Control;
 use crate::listener::set::{Bound, ListenerSet, UdpBound};
-use crate::metrics::Metrics;
+use crate::metrics::{ListenerSeries, Metrics};
 use crate::state::Shared;
 use crate::upgrade;
 
@@ -206,18 +206,21 @@ impl Server {
         }
         let grace = self.shared.snapshot().config.global.shutdown_grace;
         self.tracker.close();
+        let (open_connections, udp_flows) = open_work(&self.shared);
         info!(
-            open_connections = self.tracker.len(),
+            open_connections,
+            udp_flows,
             grace_ms = grace.as_millis() as u64,
-            "shutting down: listeners closed, waiting for open connections"
+            "shutting down: listeners closed, waiting for open connections and UDP flows"
         );
         if tokio::time::timeout(grace, self.tracker.wait())
             .await
             .is_err()
         {
+            let (open_connections, udp_flows) = open_work(&self.shared);
             warn!(
-                open_connections = self.tracker.len(),
-                "shutdown grace period over; closing remaining connections"
+                open_connections,
+                udp_flows, "shutdown grace period over; closing remaining connections and flows"
             );
             self.close_all.cancel();
             self.tracker.wait().await;
@@ -233,6 +236,19 @@ impl Server {
         info!("shutdown complete");
         Ok(())
     }
+}
+
+/// TCP connections open and UDP flows relayed on the listeners of the live config, for
+/// the shutdown lines (the tracker also counts each UDP listener's own loop).
+fn open_work(shared: &Shared) -> (i64, i64) {
+    let snapshot = shared.snapshot();
+    snapshot
+        .routes
+        .values()
+        .fold((0, 0), |(tcp, udp), route| match &route.metrics {
+            ListenerSeries::Tcp(m) => (tcp + m.active.get(), udp),
+            ListenerSeries::Udp(m) => (tcp, udp + m.flows_active.get()),
+        })
 }
 
 /// Stops the health probers when `run` ends, however it ends (returns or is dropped).
