@@ -682,6 +682,8 @@ async fn status_and_backend_bytes_count_udp_flows() {
     let s = get(admin, "/api/v1/status").await.json();
     let l = &s["listeners"][0];
     assert_eq!(l["protocol"], "udp");
+    assert!(l["max_connections"].is_null(), "TCP-only: {l}");
+    assert!(l["idle_timeout_seconds"].is_null(), "TCP-only: {l}");
     let u = &l["udp"];
     assert_eq!(u["max_flows"], 1);
     assert_eq!(u["idle_timeout_seconds"], 30.0);

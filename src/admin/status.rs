@@ -65,8 +65,10 @@ pub struct ListenerStatus {
     pub pool: String,
     /// TLS passthrough settings, when the listener routes by SNI.
     pub tls: Option<TlsStatus>,
-    pub max_connections: usize,
-    pub idle_timeout_seconds: f64,
+    /// TCP only (a UDP listener's limits are under `udp`).
+    pub max_connections: Option<usize>,
+    /// TCP only.
+    pub idle_timeout_seconds: Option<f64>,
     /// Connections, when the listener is TCP (a UDP listener has `udp.flows` instead).
     pub connections: Option<ListenerConnections>,
     /// Bytes each way, whatever the protocol (for UDP, datagram payloads).
@@ -393,6 +395,7 @@ fn listener_status(route: &Route, control: &Control) -> ListenerStatus {
             (None, bytes, Some(udp))
         }
     };
+    let tcp = route.config.protocol == crate::config::Protocol::Tcp;
     ListenerStatus {
         name: route.config.name.clone(),
         protocol: match route.config.protocol {
@@ -407,8 +410,8 @@ fn listener_status(route: &Route, control: &Control) -> ListenerStatus {
             None => route.pool.config.name.clone(),
         },
         tls: tls.map(tls_status),
-        max_connections: route.config.max_connections,
-        idle_timeout_seconds: route.config.idle_timeout.as_secs_f64(),
+        max_connections: tcp.then_some(route.config.max_connections),
+        idle_timeout_seconds: tcp.then_some(route.config.idle_timeout.as_secs_f64()),
         connections,
         bytes,
         udp,
