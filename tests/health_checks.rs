@@ -253,3 +253,84 @@ fn readme_postgres_cluster_config_is_valid() {
         .all(|p| p.health_check.is_some() && p.backends.len() == 3));
     assert_eq!(config.pools[1].fallback_pool.as_deref(), Some("pg-write"));
 }
+
+/// Every YAML example in README.md is a valid config. A block the text calls a fragment
+/// (or says leaves something out) is completed first: a listener when it has none, a pool
+/// for each pool it names but does not define, a backend for `backends: [...]`. A block
+/// the text presents as whole must be valid as it is.
+#[test]
+fn readme_yaml_examples_are_valid_configs() {
+    use serde_yaml::Value;
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    std::env::set_var("PG_MONITOR_PASSWORD", "example");
+    std::env::set_var("SWITCHYARD_ADMIN_TOKEN", "an-example-admin-token");
+    let mut checked = 0;
+    let mut rest = readme.as_str();
+    while let Some(start) = rest.find("```yaml\n") {
+        let before: String = rest[..start]
+            .chars()
+            .rev()
+            .take(400)
+            .collect::<String>()
+            .chars()
+            .rev()
+            .collect();
+        let before = before.split_whitespace().collect::<Vec<_>>().join(" ");
+        let body = &rest[start + "```yaml\n".len()..];
+        let end = body.find("```").expect("a closed yaml block");
+        let block = &body[..end];
+        rest = &body[end + 3..];
+        checked += 1;
+        let fragment = ["fragment", "left out", "added to a config"]
+            .iter()
+            .any(|w| before.contains(w));
+        let mut yaml = block.replace("[...]", "[{ address: \"127.0.0.1:9\" }]");
+        let mut filled = Vec::new();
+        let result = loop {
+            let error = match Config::from_yaml(&yaml, "README.md") {
+                Ok(config) => break Ok(config),
+                Err(e) => e.to_string(),
+            };
+            if !fragment || filled.len() > 10 {
+                break Err(error);
+            }
+            let mut doc: Value = serde_yaml::from_str(&yaml).expect("README yaml parses");
+            let map = doc.as_mapping_mut().expect("a mapping");
+            let missing_pool = error
+                .split("no pool named \"")
+                .nth(1)
+                .and_then(|s| s.split('"').next())
+                .map(str::to_string);
+            let (key, entry) = if error.contains("no listeners") {
+                (
+                    "listeners",
+                    "{ name: filled, bind: \"127.0.0.1:0\", pool: filled }".to_string(),
+                )
+            } else if let Some(pool) = missing_pool {
+                (
+                    "pools",
+                    format!("{{ name: \"{pool}\", backends: [{{ address: \"127.0.0.1:9\" }}] }}"),
+                )
+            } else {
+                break Err(error);
+            };
+            filled.push(format!("{key}: {entry}"));
+            let entry: Value = serde_yaml::from_str(&entry).expect("filler");
+            match map
+                .entry(Value::from(key))
+                .or_insert_with(|| Value::Sequence(Vec::new()))
+            {
+                Value::Sequence(items) => items.push(entry),
+                other => panic!("{key} is not a list: {other:?}"),
+            }
+            yaml = serde_yaml::to_string(&doc).expect("yaml");
+        };
+        if let Err(e) = result {
+            panic!(
+                "README yaml block {checked} (fragment: {fragment}, filled {filled:?}) is not a valid config: {e}\n{block}"
+            );
+        }
+    }
+    assert!(checked >= 6, "found {checked} yaml blocks in README.md");
+}
