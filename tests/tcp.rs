@@ -596,3 +596,85 @@ async fn echo_round_trip(addr: std::net::SocketAddr) -> String {
     assert_eq!(&buf, b"ping");
     name
 }
+
+/// Reads until EOF or an error, and returns what was read and how the stream ended.
+async fn read_until_end(s: &mut TcpStream) -> (Vec<u8>, std::io::Result<()>) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match within("read until EOF or error", s.read(&mut buf)).await {
+            Ok(0) => return (got, Ok(())),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => return (got, Err(e)),
+        }
+    }
+}
+
+/// Closes `s` with SO_LINGER 0, so the peer gets RST.
+fn reset(s: TcpStream) {
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .expect("SO_LINGER 0");
+    drop(s);
+}
+
+#[tokio::test]
+async fn backend_reset_reaches_the_client_as_a_reset_not_an_eof() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let backend_addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.expect("accept");
+        let mut got = Vec::new();
+        s.read_to_end(&mut got)
+            .await
+            .expect("read to the client's FIN");
+        // Part of a reply, then the backend dies mid-stream.
+        s.write_all(b"partial").await.expect("write");
+        reset(s);
+    });
+    let lb = Balancer::start(&one_pool("", "", &[(backend_addr, 1)])).await;
+    let mut client = TcpStream::connect(lb.addr("l")).await.expect("connect");
+    client.write_all(b"request").await.expect("write");
+    client.shutdown().await.expect("half-close");
+    // The client has nothing left to send and has read all it was sent: a FIN here would
+    // look like the complete reply.
+    let (got, end) = read_until_end(&mut client).await;
+    assert!(b"partial".starts_with(&got), "got {got:?}");
+    let e = end.expect_err("a cut stream must end in a reset, not an EOF");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+    wait_counter(
+        &lb,
+        "switchyard_listener_connections_closed_total",
+        &[("reason", "backend_reset")],
+        1,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn client_reset_reaches_the_backend_as_a_reset_not_an_eof() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let backend_addr = listener.local_addr().expect("addr");
+    let lb = Balancer::start(&one_pool("", "", &[(backend_addr, 1)])).await;
+    let mut client = TcpStream::connect(lb.addr("l")).await.expect("connect");
+    let (mut backend, _) = within("accept", listener.accept()).await.expect("accept");
+    client.write_all(b"half a request").await.expect("write");
+    let mut buf = [0u8; 14];
+    within("forwarded", backend.read_exact(&mut buf))
+        .await
+        .expect("read");
+    assert_eq!(&buf, b"half a request");
+    // The client aborts before finishing its request.
+    reset(client);
+    let (got, end) = read_until_end(&mut backend).await;
+    assert!(got.is_empty(), "got {got:?}");
+    let e = end.expect_err("an aborted request must end in a reset, not an EOF");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+    wait_counter(
+        &lb,
+        "switchyard_listener_connections_closed_total",
+        &[("reason", "client_reset")],
+        1,
+    )
+    .await;
+}

@@ -1,6 +1,7 @@
 //! The byte path between a client and its backend: two directions pumped independently in
 //! one task, each half-closing on its own (EOF from one side becomes a FIN to the other while
-//! the reverse direction keeps flowing), an idle timer over both, and a cancel for shutdown.
+//! the reverse direction keeps flowing; a reset from one side becomes a reset to the other),
+//! an idle timer over both, and a cancel for shutdown.
 //! Linux uses `splice(2)` ([`splice`]); a buffered copy ([`copy`]) serves elsewhere and where
 //! splice is refused. A caller may have the client's first bytes checked before any is
 //! forwarded ([`FirstBytes`]); the check itself is the caller's. This module owns no routing
@@ -192,6 +193,16 @@ pub async fn forward(
             reason = close.recv() => break reason,
         }
     };
+    if matches!(reason, CloseReason::ClientReset | CloseReason::BackendReset) {
+        // A reset cut the stream: each side whose incoming stream had not reached its end
+        // gets a reset too, not a FIN that would pass the cut off as the end of the data.
+        if !down_done {
+            reset_on_close(client);
+        }
+        if !up_done {
+            reset_on_close(backend);
+        }
+    }
     Outcome {
         reason,
         bytes_from_client: up.moved(),
@@ -276,6 +287,12 @@ fn note_fallback(error: &io::Error) {
     ONCE.call_once(|| {
         tracing::debug!(%error, "splice(2) not usable; using buffered copy where it is not");
     });
+}
+
+/// Makes the coming close of `stream` send RST instead of FIN (SO_LINGER 0), discarding
+/// whatever it has not sent yet. A socket already reset is not an error here.
+fn reset_on_close(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
 /// Sends FIN to `dst` once its source reached EOF. A peer that is already gone is not an
