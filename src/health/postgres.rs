@@ -1,5 +1,6 @@
 //! The `postgres` check: a real protocol login (trust, md5 or SCRAM-SHA-256, optionally over
-//! TLS) with tokio-postgres, kept open between checks and re-opened after any error, then
+//! TLS) with tokio-postgres, kept open between checks and re-opened after any error (a
+//! check that reuses it first makes sure the server still takes new connections), then
 //! one query for the server's role, its timeline (on a primary) and its replay lag (on a
 //! replica). The role is matched against the pool's: a healthy server in the other role is
 //! `standby`, not down. TLS does not verify the server certificate: a health check only
@@ -46,6 +47,8 @@ pub struct Probe {
     addr: SocketAddr,
     check: Arc<PostgresCheck>,
     config: tokio_postgres::Config,
+    /// `config` without the password, for [`Probe::ping`].
+    ping_config: tokio_postgres::Config,
     tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
     /// PROXY LOCAL header written before the startup (or SSLRequest) message.
     proxy_header: Option<Vec<u8>>,
@@ -91,6 +94,8 @@ impl Probe {
                 SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
                 SslMode::Require => tokio_postgres::config::SslMode::Require,
             });
+        let mut ping_config = config.clone();
+        ping_config.application_name("switchyard-health-ping");
         if let Some(p) = &check.password {
             config.password(p.expose());
         }
@@ -100,6 +105,7 @@ impl Probe {
             addr,
             check,
             config,
+            ping_config,
             tls,
             proxy_header,
             conn: None,
@@ -117,8 +123,13 @@ impl Probe {
         if self.conn.as_ref().is_some_and(|(c, _)| c.is_closed()) {
             self.reset();
         }
-        if self.conn.is_none() {
-            match self.connect().await {
+        if self.conn.is_some() {
+            if let Err(down) = self.ping().await {
+                self.reset();
+                return down;
+            }
+        } else {
+            match self.connect(&self.config).await {
                 Ok(conn) => self.conn = Some(conn),
                 Err(ConnectError::Postgres(e)) => {
                     return Observation::down(classify(&e), format!("login: {}", text(&e)))
@@ -150,17 +161,53 @@ impl Probe {
         }
     }
 
-    async fn connect(&self) -> Result<(Client, JoinHandle<()>), ConnectError> {
+    /// Whether the server still takes new connections, which the session kept open cannot
+    /// tell: a server in smart shutdown or whose postmaster stopped accepting still answers
+    /// it (and a smart shutdown would wait for it forever). As libpq's `PQping`: a new
+    /// connection, without the password, that gets as far as the server's authentication
+    /// request (or in, with `trust`) is taken; the server refuses one it cannot take
+    /// before that (`57P03`: shutting down, starting up), and one that hangs runs into the
+    /// check's timeout. A server at `max_connections` (`53300`) is busy, not down: taking
+    /// it out would close its sessions under `close_connections`. Leaving at the password
+    /// request logs nothing on the server.
+    async fn ping(&self) -> Result<(), Observation> {
+        match self.connect(&self.ping_config).await {
+            Ok((client, task)) => {
+                drop(client);
+                task.abort();
+                Ok(())
+            }
+            Err(ConnectError::Postgres(e))
+                if e.code() == Some(&SqlState::TOO_MANY_CONNECTIONS)
+                    || (e.code().is_none() && text(&e).contains("password missing")) =>
+            {
+                Ok(())
+            }
+            Err(ConnectError::Postgres(e)) => Err(Observation::down(
+                classify(&e),
+                format!("new connection: {}", text(&e)),
+            )),
+            Err(ConnectError::Io(e)) => Err(Observation::down(
+                super::io_reason(&e),
+                format!("new connection: {e}"),
+            )),
+        }
+    }
+
+    async fn connect(
+        &self,
+        config: &tokio_postgres::Config,
+    ) -> Result<(Client, JoinHandle<()>), ConnectError> {
         let addr = self.addr;
         let on_end = move |e: tokio_postgres::Error| {
             tracing::debug!(backend = %addr, error = %e, "monitoring connection ended");
         };
         if let Some(header) = &self.proxy_header {
-            return self.connect_with_header(header, on_end).await;
+            return self.connect_with_header(config, header, on_end).await;
         }
         match &self.tls {
             None => {
-                let (client, connection) = self.config.connect(NoTls).await?;
+                let (client, connection) = config.connect(NoTls).await?;
                 let task = tokio::spawn(async move {
                     if let Err(e) = connection.await {
                         on_end(e);
@@ -169,7 +216,7 @@ impl Probe {
                 Ok((client, task))
             }
             Some(tls) => {
-                let (client, connection) = self.config.connect(tls.clone()).await?;
+                let (client, connection) = config.connect(tls.clone()).await?;
                 let task = tokio::spawn(async move {
                     if let Err(e) = connection.await {
                         on_end(e);
@@ -184,6 +231,7 @@ impl Probe {
     /// The check's timeout bounds the whole of it, as it does `Config::connect`.
     async fn connect_with_header(
         &self,
+        config: &tokio_postgres::Config,
         header: &[u8],
         on_end: impl FnOnce(tokio_postgres::Error) + Send + 'static,
     ) -> Result<(Client, JoinHandle<()>), ConnectError> {
@@ -198,7 +246,7 @@ impl Probe {
         stream.write_all(header).await.map_err(ConnectError::Io)?;
         match &self.tls {
             None => {
-                let (client, connection) = self.config.connect_raw(stream, NoTls).await?;
+                let (client, connection) = config.connect_raw(stream, NoTls).await?;
                 let task = tokio::spawn(async move {
                     if let Err(e) = connection.await {
                         on_end(e);
@@ -208,7 +256,7 @@ impl Probe {
             }
             Some(make) => {
                 let tls = raw_tls(make, &self.addr.ip().to_string());
-                let (client, connection) = self.config.connect_raw(stream, tls).await?;
+                let (client, connection) = config.connect_raw(stream, tls).await?;
                 let task = tokio::spawn(async move {
                     if let Err(e) = connection.await {
                         on_end(e);
