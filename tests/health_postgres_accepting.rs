@@ -69,7 +69,7 @@ listeners:
 pools:
   - name: pg-read
     health_check:
-      {{ type: postgres, interval: 500ms, timeout: 500ms, rise: 2, fall: 2,
+      {{ type: postgres, interval: 2s, timeout: 2s, rise: 2, fall: 2,
          postgres: {{ user: {MONITOR}, password_file: "{}", role: replica, sslmode: disable }} }}
     backends: [ {{ name: b, address: "{}" }}, {{ name: c, address: "{}" }} ]
 "#,
