@@ -131,6 +131,13 @@ fn udp_config(listener_udp: &str, pool_extra: &str, backends: &[SocketAddr]) -> 
     one_pool(pool_extra, &listener, &list)
 }
 
+/// A balancer on one backend whose flows end with their first reply (`responses: 1`, a
+/// long idle timeout), with `listener_udp` added to the listener's `udp:` section.
+async fn one_reply_balancer(backend: SocketAddr, listener_udp: &str) -> Balancer {
+    let udp = format!("      idle_timeout: 30s\n      responses: 1\n{listener_udp}");
+    Balancer::start(&udp_config(&udp, "", &[backend])).await
+}
+
 async fn client() -> UdpSocket {
     UdpSocket::bind("127.0.0.1:0").await.expect("bind client")
 }
@@ -294,12 +301,7 @@ async fn idle_flows_expire_and_the_next_datagram_starts_a_new_one() {
 #[tokio::test]
 async fn responses_one_ends_the_flow_after_the_first_reply() {
     let backend = UdpBackend::start("twice", Reply::Twice).await;
-    let lb = Balancer::start(&udp_config(
-        "      idle_timeout: 30s\n      responses: 1\n",
-        "",
-        &[backend.addr],
-    ))
-    .await;
+    let lb = one_reply_balancer(backend.addr, "").await;
     let socket = client().await;
     for i in 0..3 {
         let msg = format!("q{i}");
@@ -316,12 +318,7 @@ async fn responses_one_ends_the_flow_after_the_first_reply() {
 #[tokio::test]
 async fn short_flows_reuse_upstream_sockets_and_each_reply_matches_its_query() {
     let backend = UdpBackend::start("b", Reply::Named).await;
-    let lb = Balancer::start(&udp_config(
-        "      idle_timeout: 30s\n      responses: 1\n",
-        "",
-        &[backend.addr],
-    ))
-    .await;
+    let lb = one_reply_balancer(backend.addr, "").await;
     let to = lb.addr("l");
     // A new client socket per query, as a resolver with random source ports: one flow
     // each. Spares rest a moment before reuse, so this runs until many were reused.
@@ -359,12 +356,7 @@ async fn short_flows_reuse_upstream_sockets_and_each_reply_matches_its_query() {
 #[tokio::test]
 async fn a_late_reply_reaching_a_spare_socket_is_dropped() {
     let backend = UdpBackend::start("b", Reply::TwiceLate(Duration::from_millis(100))).await;
-    let lb = Balancer::start(&udp_config(
-        "      idle_timeout: 30s\n      responses: 1\n",
-        "",
-        &[backend.addr],
-    ))
-    .await;
+    let lb = one_reply_balancer(backend.addr, "").await;
     let to = lb.addr("l");
     let rest = Duration::from_millis(switchyard::udp::spare::REST_MS);
     const ROUNDS: u64 = 5;
@@ -428,12 +420,7 @@ async fn late_reply_in_flight(
 #[tokio::test]
 async fn with_socket_reuse_a_late_reply_can_reach_the_next_flow_of_its_socket() {
     let backend = UdpBackend::start("b", Reply::LateOnNext).await;
-    let lb = Balancer::start(&udp_config(
-        "      idle_timeout: 30s\n      responses: 1\n",
-        "",
-        &[backend.addr],
-    ))
-    .await;
+    let lb = one_reply_balancer(backend.addr, "").await;
     // The trade-off reuse makes, and the reason for `reuse_upstream_sockets: false`: a late
     // reply that comes after the rest, once another flow holds the socket, is that flow's.
     // The second flow takes the first one's socket, unless a stall of a second let the spare
@@ -452,12 +439,7 @@ async fn with_socket_reuse_a_late_reply_can_reach_the_next_flow_of_its_socket() 
 #[tokio::test]
 async fn without_socket_reuse_a_late_reply_never_reaches_a_later_client() {
     let backend = UdpBackend::start("b", Reply::LateOnNext).await;
-    let lb = Balancer::start(&udp_config(
-        "      idle_timeout: 30s\n      responses: 1\n      reuse_upstream_sockets: false\n",
-        "",
-        &[backend.addr],
-    ))
-    .await;
+    let lb = one_reply_balancer(backend.addr, "      reuse_upstream_sockets: false\n").await;
     let mut clients = Vec::new();
     for round in 0..5 {
         let (got, took, pair) = late_reply_in_flight(&lb, round).await;
