@@ -439,16 +439,10 @@ pools:
 /// front of a backend that greets first and then echoes.
 async fn greeter_behind_screening_listener(timeout: &str) -> (Balancer, Backend) {
     let backend = Backend::start("greeter").await;
-    let yaml = format!(
-        "listeners:
-  - name: l
-    bind: 127.0.0.1:0
-    pool: p
-    accept_proxy_protocol: {{ from: [127.0.0.2/32], timeout: {timeout} }}
-pools:
-  - {{ name: p, backends: [{{ address: \"{}\" }}] }}
-",
-        backend.addr
+    let yaml = one_pool(
+        "",
+        &format!("    accept_proxy_protocol: {{ from: [127.0.0.2/32], timeout: {timeout} }}\n"),
+        &[(backend.addr, 1)],
     );
     (Balancer::start(&yaml).await, backend)
 }
@@ -512,26 +506,13 @@ async fn maglev_client_ip_hashes_the_address_a_trusted_header_names() {
         Backend::start("m1").await,
         Backend::start("m2").await,
     ];
-    let mut yaml = String::from(
-        "listeners:
-  - name: l
-    bind: 127.0.0.1:0
-    pool: m
-    accept_proxy_protocol: { from: [127.0.0.2/32], timeout: 5s }
-pools:
-  - name: m
-    balance: maglev
-    hash_key: client_ip
-    backends:
-",
-    );
-    for b in &backends {
-        yaml.push_str(&format!(
-            "      - {{ name: {}, address: \"{}\" }}\n",
-            b.name, b.addr
-        ));
-    }
-    let lb = Balancer::start(&yaml).await;
+    let list: Vec<_> = backends.iter().map(|b| (b.addr, 1)).collect();
+    let lb = Balancer::start(&one_pool(
+        "    balance: maglev\n    hash_key: client_ip\n",
+        "    accept_proxy_protocol: { from: [127.0.0.2/32], timeout: 5s }\n",
+        &list,
+    ))
+    .await;
     let addr = lb.addr("l");
     // Clients behind one trusted balancer (127.0.0.2): each keeps its backend, whatever its
     // source port, round after round; together they spread over the backends.
