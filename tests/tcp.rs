@@ -252,8 +252,9 @@ async fn refused_connect_is_retried_on_another_backend_invisibly() {
 }
 
 /// A backend that never answers a SYN: its accept queue is full (nothing accepts) and Linux
-/// drops further SYNs. Returns the listening socket and the connections that filled it.
-async fn stalled_backend() -> (socket2::Socket, Vec<TcpStream>) {
+/// drops further SYNs. Returns the listening socket, its address and the connections that
+/// filled it.
+async fn stalled_backend() -> (socket2::Socket, std::net::SocketAddr, Vec<TcpStream>) {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
     let any: std::net::SocketAddr = "127.0.0.1:0".parse().expect("addr");
@@ -278,23 +279,18 @@ async fn stalled_backend() -> (socket2::Socket, Vec<TcpStream>) {
             Err(_) => unanswered += 1,
         }
     }
-    (socket, queued)
+    (socket, addr, queued)
 }
 
 #[tokio::test]
 async fn connect_timeout_is_retried_on_another_backend() {
-    let (stalled, _queued) = stalled_backend().await;
-    let stalled_name = stalled
-        .local_addr()
-        .expect("addr")
-        .as_socket()
-        .expect("inet")
-        .to_string();
+    let (_listening, stalled, _queued) = stalled_backend().await;
+    let stalled_name = stalled.to_string();
     let live = Backend::start("live").await;
     let lb = Balancer::start(&one_pool(
         "    balance: round_robin\n    connect_timeout: 300ms\n    retries: 1\n    max_fails: 0\n",
         "",
-        &[(stalled_name.parse().expect("addr"), 1), (live.addr, 1)],
+        &[(stalled, 1), (live.addr, 1)],
     ))
     .await;
     for _ in 0..4 {
