@@ -10,9 +10,8 @@ mod common;
 mod postgres;
 
 use std::process::Command;
-use std::time::Duration;
 
-use common::{wait_status, within, Balancer};
+use common::{wait_for, wait_status, within, Balancer};
 use postgres::*;
 use switchyard::backend::{DownReason, HealthStatus};
 
@@ -108,10 +107,8 @@ pools:
     )
     .await;
     reads_go_to(&lb, c.port).await;
-    within("b's smart shutdown ends", async {
-        while b.data.join("postmaster.pid").exists() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    wait_for("b's smart shutdown ends", || {
+        !b.data.join("postmaster.pid").exists()
     })
     .await;
     wait_status(&lb, "pg-read", "c", HealthStatus::UP).await;
