@@ -268,15 +268,9 @@ fn readme_yaml_examples_are_valid_configs() {
     let mut checked = 0;
     let mut rest = readme.as_str();
     while let Some(start) = rest.find("```yaml\n") {
-        let before: String = rest[..start]
-            .chars()
-            .rev()
-            .take(400)
-            .collect::<String>()
-            .chars()
-            .rev()
-            .collect();
-        let before = before.split_whitespace().collect::<Vec<_>>().join(" ");
+        // The paragraph that introduces the block, on one line.
+        let intro = rest[..start].trim_end().rsplit("\n\n").next().unwrap_or("");
+        let intro = intro.split_whitespace().collect::<Vec<_>>().join(" ");
         let body = &rest[start + "```yaml\n".len()..];
         let end = body.find("```").expect("a closed yaml block");
         let block = &body[..end];
@@ -284,7 +278,7 @@ fn readme_yaml_examples_are_valid_configs() {
         checked += 1;
         let fragment = ["fragment", "left out", "added to a config"]
             .iter()
-            .any(|w| before.contains(w));
+            .any(|w| intro.contains(w));
         let mut yaml = block.replace("[...]", "[{ address: \"127.0.0.1:9\" }]");
         let mut filled = Vec::new();
         let result = loop {
