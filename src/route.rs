@@ -338,20 +338,17 @@ async fn read_prelude(
     };
 
     if untrusted_peer.is_some() {
-        // The client speaks first here: a PROXY header is refused before any backend.
+        // The client speaks first here: a PROXY header is refused before any backend. The
+        // reads take what the hello's would (the check needs at most a signature's length),
+        // so the hello usually arrives with the first one instead of in a second read.
         loop {
             match untrusted_first_bytes(&buf) {
                 Screen::Forward => break,
                 Screen::Refuse => return Err(Refusal::ProxyUntrusted),
                 Screen::NeedMore => {
-                    read_more(
-                        stream,
-                        &mut buf,
-                        proxy_protocol::V2_SIGNATURE.len(),
-                        deadline,
-                    )
-                    .await
-                    .map_err(hello_fail)?;
+                    read_more(stream, &mut buf, start + sni::MAX_INPUT, deadline)
+                        .await
+                        .map_err(hello_fail)?;
                 }
             }
         }
