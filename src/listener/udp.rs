@@ -801,16 +801,19 @@ impl Flows {
     /// Closes the spares of backends that can take no new flow (removed from the pool and its
     /// fallback by a reload, or not available), and those unused for a while.
     fn trim_spares(&mut self, now: u64) {
+        if self.upstreams.spares() == 0 {
+            return;
+        }
         let snapshot = self.shared.snapshot();
         let route = snapshot.route(&self.name);
         let fallback = route
             .and_then(|r| r.pool.config.fallback_pool.as_ref())
             .and_then(|name| snapshot.pools.get(name));
         let pools = route.map(|r| &r.pool).into_iter().chain(fallback);
-        let backends: Vec<_> = pools.flat_map(|p| p.backends.iter()).collect();
         self.upstreams.trim(now, |addr| {
-            backends
-                .iter()
+            pools
+                .clone()
+                .flat_map(|p| p.backends.iter())
                 .any(|b| b.addr.0 == addr && b.is_available(now))
         });
     }

@@ -17,24 +17,20 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::net::SocketAddr;
 
+use super::slots::{SlotId, Slots};
+
 /// Handle to one flow; stale once the flow ends (its slot's generation moves on).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct FlowId {
-    slot: u32,
-    generation: u32,
-}
+pub struct FlowId(SlotId);
 
 impl FlowId {
     /// Packs the id into 64 bits (for epoll event data).
     pub fn to_u64(self) -> u64 {
-        (u64::from(self.generation) << 32) | u64::from(self.slot)
+        self.0.to_u64()
     }
 
     pub fn from_u64(v: u64) -> FlowId {
-        FlowId {
-            slot: v as u32,
-            generation: (v >> 32) as u32,
-        }
+        FlowId(SlotId::from_u64(v))
     }
 }
 
@@ -65,21 +61,14 @@ struct Entry<V> {
     value: V,
 }
 
-#[derive(Debug)]
-struct Slot<V> {
-    generation: u32,
-    entry: Option<Entry<V>>,
-}
-
-/// (deadline, slot, generation), ordered by deadline.
-type Deadline = Reverse<(u64, u32, u32)>;
+/// (deadline, flow), ordered by deadline.
+type Deadline = Reverse<(u64, SlotId)>;
 
 /// Flows by client address, with idle expiry, a reply budget and a cap.
 #[derive(Debug)]
 pub struct FlowTable<V> {
-    index: HashMap<SocketAddr, u32>,
-    slots: Vec<Slot<V>>,
-    free: Vec<u32>,
+    index: HashMap<SocketAddr, FlowId>,
+    entries: Slots<Entry<V>>,
     deadlines: BinaryHeap<Deadline>,
     /// Heap entries whose flow has ended.
     stale: usize,
@@ -94,8 +83,7 @@ impl<V> FlowTable<V> {
     pub fn new(idle_ms: u64, responses: Option<u32>, max_flows: usize) -> FlowTable<V> {
         FlowTable {
             index: HashMap::new(),
-            slots: Vec::new(),
-            free: Vec::new(),
+            entries: Slots::default(),
             deadlines: BinaryHeap::new(),
             stale: 0,
             idle_ms: idle_ms.max(1),
@@ -118,25 +106,15 @@ impl<V> FlowTable<V> {
 
     /// The flow of a client, if it has one.
     pub fn lookup(&self, key: &SocketAddr) -> Option<FlowId> {
-        let slot = *self.index.get(key)?;
-        let generation = self.slots.get(slot as usize)?.generation;
-        Some(FlowId { slot, generation })
+        self.index.get(key).copied()
     }
 
     fn entry(&self, id: FlowId) -> Option<&Entry<V>> {
-        let slot = self.slots.get(id.slot as usize)?;
-        if slot.generation != id.generation {
-            return None;
-        }
-        slot.entry.as_ref()
+        self.entries.get(id.0)
     }
 
     fn entry_mut(&mut self, id: FlowId) -> Option<&mut Entry<V>> {
-        let slot = self.slots.get_mut(id.slot as usize)?;
-        if slot.generation != id.generation {
-            return None;
-        }
-        slot.entry.as_mut()
+        self.entries.get_mut(id.0)
     }
 
     pub fn get(&self, id: FlowId) -> Option<&V> {
@@ -172,24 +150,10 @@ impl<V> FlowTable<V> {
             replies: 0,
             value,
         };
-        let slot = match self.free.pop() {
-            Some(slot) => {
-                self.slots[slot as usize].entry = Some(entry);
-                slot
-            }
-            None => {
-                self.slots.push(Slot {
-                    generation: 0,
-                    entry: Some(entry),
-                });
-                (self.slots.len() - 1) as u32
-            }
-        };
-        let generation = self.slots[slot as usize].generation;
-        self.index.insert(key, slot);
-        self.deadlines
-            .push(Reverse((now_ms + self.idle_ms, slot, generation)));
-        Ok(FlowId { slot, generation })
+        let id = self.entries.insert(entry);
+        self.index.insert(key, FlowId(id));
+        self.deadlines.push(Reverse((now_ms + self.idle_ms, id)));
+        Ok(FlowId(id))
     }
 
     /// A datagram from the client: the flow is active and owes one more set of replies.
@@ -236,25 +200,19 @@ impl<V> FlowTable<V> {
     }
 
     fn take(&mut self, id: FlowId) -> Option<(SocketAddr, V)> {
-        let slot = self.slots.get_mut(id.slot as usize)?;
-        if slot.generation != id.generation {
-            return None;
-        }
-        let entry = slot.entry.take()?;
-        slot.generation = slot.generation.wrapping_add(1);
+        let entry = self.entries.remove(id.0)?;
         self.index.remove(&entry.key);
-        self.free.push(id.slot);
         Some((entry.key, entry.value))
     }
 
     /// The next flow idle since `now_ms - idle`, removed; call until None.
     pub fn pop_expired(&mut self, now_ms: u64) -> Option<(SocketAddr, V)> {
-        while let Some(&Reverse((at, slot, generation))) = self.deadlines.peek() {
+        while let Some(&Reverse((at, slot))) = self.deadlines.peek() {
             if at > now_ms {
                 return None;
             }
             self.deadlines.pop();
-            let id = FlowId { slot, generation };
+            let id = FlowId(slot);
             let Some(last_seen) = self.entry(id).map(|e| e.last_seen_ms) else {
                 self.stale = self.stale.saturating_sub(1);
                 continue;
@@ -262,7 +220,7 @@ impl<V> FlowTable<V> {
             let due = last_seen + self.idle_ms;
             if due > now_ms {
                 // Active since the entry was pushed: come back when it may be idle.
-                self.deadlines.push(Reverse((due, slot, generation)));
+                self.deadlines.push(Reverse((due, slot)));
                 continue;
             }
             return self.take(id);
@@ -272,19 +230,13 @@ impl<V> FlowTable<V> {
 
     /// The earliest time at which `pop_expired` may return something.
     pub fn next_deadline(&self) -> Option<u64> {
-        self.deadlines.peek().map(|Reverse((at, _, _))| *at)
+        self.deadlines.peek().map(|Reverse((at, _))| *at)
     }
 
     /// Removes every flow (shutdown).
     pub fn drain(&mut self) -> Vec<(SocketAddr, V)> {
         let mut out = Vec::with_capacity(self.len());
-        for (slot_index, slot) in self.slots.iter_mut().enumerate() {
-            if let Some(entry) = slot.entry.take() {
-                slot.generation = slot.generation.wrapping_add(1);
-                self.free.push(slot_index as u32);
-                out.push((entry.key, entry.value));
-            }
-        }
+        out.extend(self.entries.drain().map(|e| (e.key, e.value)));
         self.index.clear();
         self.deadlines.clear();
         self.stale = 0;
@@ -298,12 +250,9 @@ impl<V> FlowTable<V> {
 
     fn compact_if_needed(&mut self) {
         if self.stale > self.index.len() + 1024 {
-            let slots = &self.slots;
-            self.deadlines.retain(|Reverse((_, slot, generation))| {
-                slots
-                    .get(*slot as usize)
-                    .is_some_and(|s| s.generation == *generation && s.entry.is_some())
-            });
+            let entries = &self.entries;
+            self.deadlines
+                .retain(|Reverse((_, slot))| entries.get(*slot).is_some());
             self.stale = 0;
         }
     }

@@ -1,10 +1,12 @@
 //! UDP flow forwarding, the parts below the listener loop: the flow table ([`flow`]), the
 //! upstream sockets flows borrow ([`upstream`]) and the spares kept for reuse ([`spare`]),
+//! the generational slab both keep their entries in ([`slots`]),
 //! the batched datagram syscalls and epoll registration ([`sys`], the crate's one module
 //! allowed `unsafe`), and the bounded reasons a flow ends or a datagram is dropped (metric
 //! labels and log fields). The listener loop that drives them is `listener::udp`.
 
 pub mod flow;
+pub mod slots;
 pub mod spare;
 #[allow(unsafe_code)]
 pub mod sys;

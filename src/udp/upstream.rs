@@ -35,6 +35,7 @@ use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags, EpollTimeout};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use super::flow::FlowId;
+use super::slots::{SlotId, Slots};
 use super::spare::{Spares, REST_MS};
 use super::sys;
 
@@ -45,21 +46,15 @@ const DISCARD_MAX: usize = 64;
 /// Handle to one upstream socket; stale once the socket is closed (its slot's generation
 /// moves on). Fits in a `u64`, the epoll event's data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UpstreamId {
-    slot: u32,
-    generation: u32,
-}
+pub struct UpstreamId(SlotId);
 
 impl UpstreamId {
     pub fn to_u64(self) -> u64 {
-        (u64::from(self.generation) << 32) | u64::from(self.slot)
+        self.0.to_u64()
     }
 
     pub fn from_u64(v: u64) -> UpstreamId {
-        UpstreamId {
-            slot: v as u32,
-            generation: (v >> 32) as u32,
-        }
+        UpstreamId(SlotId::from_u64(v))
     }
 }
 
@@ -97,17 +92,10 @@ struct Upstream {
     flow: Option<FlowId>,
 }
 
-#[derive(Debug)]
-struct Slot {
-    generation: u32,
-    upstream: Option<Upstream>,
-}
-
 /// A task's upstream sockets, their epoll set and their spares.
 #[derive(Debug)]
 pub struct Upstreams {
-    slots: Vec<Slot>,
-    free: Vec<u32>,
+    sockets: Slots<Upstream>,
     /// The set every open socket is registered in (a second descriptor of the one the
     /// runtime watches).
     epoll: Epoll,
@@ -121,8 +109,7 @@ impl Upstreams {
     /// No sockets yet; at most `max_spares` kept as spares.
     pub fn new(epoll: Epoll, max_spares: usize) -> Upstreams {
         Upstreams {
-            slots: Vec::new(),
-            free: Vec::new(),
+            sockets: Slots::default(),
             epoll,
             spares: Spares::new(max_spares),
             swept_ms: 0,
@@ -184,11 +171,11 @@ impl Upstreams {
         socket
             .connect(&backend.into())
             .map_err(OpenError::Connect)?;
-        let id = self.insert(Upstream {
+        let id = UpstreamId(self.sockets.insert(Upstream {
             socket,
             backend,
             flow: None,
-        });
+        }));
         let registered = match self.fd(id) {
             Some(fd) => self
                 .epoll
@@ -258,12 +245,14 @@ impl Upstreams {
     /// Closes the spares of backends `keep` rejects (removed by a reload, or down) and those
     /// unused for [`MAX_REST_MS`](super::spare::MAX_REST_MS).
     pub fn trim(&mut self, now_ms: u64, keep: impl Fn(SocketAddr) -> bool) {
-        let mut evicted = Vec::new();
-        self.spares
-            .trim(now_ms, |b| keep(*b), |id| evicted.push(id));
-        for id in evicted {
-            self.close(id);
-        }
+        let sockets = &mut self.sockets;
+        self.spares.trim(
+            now_ms,
+            |b| keep(*b),
+            |id| {
+                sockets.remove(id.0);
+            },
+        );
     }
 
     /// Spares held now.
@@ -273,58 +262,22 @@ impl Upstreams {
 
     /// Closes every spare (shutdown; flows give their sockets back through `release`).
     pub fn close_spares(&mut self) {
-        let ids: Vec<UpstreamId> = self.spares.drain().collect();
-        for id in ids {
-            self.close(id);
+        for id in self.spares.drain() {
+            self.sockets.remove(id.0);
         }
     }
 
     fn get(&self, id: UpstreamId) -> Option<&Upstream> {
-        let slot = self.slots.get(id.slot as usize)?;
-        if slot.generation != id.generation {
-            return None;
-        }
-        slot.upstream.as_ref()
+        self.sockets.get(id.0)
     }
 
     fn get_mut(&mut self, id: UpstreamId) -> Option<&mut Upstream> {
-        let slot = self.slots.get_mut(id.slot as usize)?;
-        if slot.generation != id.generation {
-            return None;
-        }
-        slot.upstream.as_mut()
-    }
-
-    fn insert(&mut self, upstream: Upstream) -> UpstreamId {
-        let slot = match self.free.pop() {
-            Some(slot) => slot,
-            None => {
-                self.slots.push(Slot {
-                    generation: 0,
-                    upstream: None,
-                });
-                (self.slots.len() - 1) as u32
-            }
-        };
-        let entry = &mut self.slots[slot as usize];
-        entry.upstream = Some(upstream);
-        UpstreamId {
-            slot,
-            generation: entry.generation,
-        }
+        self.sockets.get_mut(id.0)
     }
 
     /// Closes a socket (closing its last descriptor also takes it out of the epoll set).
     fn close(&mut self, id: UpstreamId) {
-        let Some(slot) = self.slots.get_mut(id.slot as usize) else {
-            return;
-        };
-        if slot.generation != id.generation || slot.upstream.is_none() {
-            return;
-        }
-        slot.upstream = None;
-        slot.generation = slot.generation.wrapping_add(1);
-        self.free.push(id.slot);
+        self.sockets.remove(id.0);
     }
 }
 
